@@ -1,0 +1,124 @@
+"""Frozen autoencoders: the identity (pixel space) and the Stable Diffusion VAE (`AutoencoderKL`).
+
+Both offer the same three calls, and the wrapper owns the scaling factor:
+
+    moments = ae.encode_moments(images)   # images in [-1, 1]; KL: (B, 2C, h, w) = mean ++ logvar
+    z = ae.sample(moments)                # z = scale * (mean + std * eps)
+    images = ae.decode(z)                 # back to [-1, 1] pixels
+
+They are never trained and never written to a checkpoint (the Lightning module drops them from its
+state dict).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel-space runs (`vae=none`): latents are the images themselves.
+
+    Args:
+        channels: image channels (the latent channels too).
+        scaling_factor: multiplies the pixels (1.0 keeps them in [-1, 1]).
+        downsample_factor, latent_channels: the shape facts the config declares; checked, must be 1 and
+            `channels`.
+    """
+
+    def __init__(
+        self, channels: int = 3, scaling_factor: float = 1.0, downsample_factor: int = 1,
+        latent_channels: int | None = None,
+    ):
+        super().__init__()
+        _check_declared("downsample_factor", downsample_factor, 1, "the identity autoencoder")
+        _check_declared("latent_channels", latent_channels, channels, "the identity autoencoder")
+        self.latent_channels = channels
+        self.downsample_factor = 1
+        self.scaling_factor = float(scaling_factor)
+
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, C, H, W); the posterior is a point mass, so the moments are the mean."""
+        return images
+
+    def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return moments * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor
+
+
+class FrozenAutoencoderKL(nn.Module):
+    """A frozen diffusers `AutoencoderKL` (e.g. `stabilityai/sd-vae-ft-ema`) that owns its scaling factor.
+
+    Args:
+        pretrained: hub id or local folder written by `save_pretrained`.
+        subfolder: folder inside `pretrained` (e.g. "vae" for a full Stable Diffusion repo).
+        scaling_factor: overrides `vae.config.scaling_factor` (U-ViT's COCO models use 0.23010).
+        dtype: weights and compute dtype ("float32", "float16", "bfloat16").
+        downsample_factor, latent_channels: the shape facts the config declares (the data config reads
+            them); checked against the loaded VAE.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        subfolder: str | None = None,
+        scaling_factor: float | None = None,
+        dtype: str = "float32",
+        downsample_factor: int | None = None,
+        latent_channels: int | None = None,
+    ):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"vae.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        try:
+            vae = AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype])
+        except (OSError, ValueError) as err:
+            where = "local folder" if Path(pretrained).exists() else "hub id"
+            raise FileNotFoundError(
+                f"vae.pretrained={pretrained!r} ({where}) could not be loaded: {str(err).splitlines()[0]} "
+                f"-- on a machine with internet run `huggingface-cli download {pretrained} --local-dir <dir>` "
+                "(or `AutoencoderKL.from_pretrained(...).save_pretrained(<dir>)`) and set vae.pretrained=<dir>"
+            ) from None
+        self.vae = vae.eval().requires_grad_(False)
+        self.dtype = _DTYPES[dtype]
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+        self.latent_channels = vae.config.latent_channels
+        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        _check_declared("downsample_factor", downsample_factor, self.downsample_factor, pretrained)
+        _check_declared("latent_channels", latent_channels, self.latent_channels, pretrained)
+
+    def train(self, mode: bool = True) -> FrozenAutoencoderKL:
+        # frozen: Lightning calls .train() on the whole module at the start of each epoch
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 2C, H/f, W/f): posterior mean and log-variance, concatenated."""
+        return self.vae.encode(images.to(self.dtype)).latent_dist.parameters.float()
+
+    @torch.no_grad()
+    def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw z = scale * (mean + std * eps) from (B, 2C, h, w) moments; returns (B, C, h, w) fp32."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of diffusers' DiagonalGaussianDistribution
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scaling_factor * (mean + std * eps)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) pixels in about [-1, 1], fp32."""
+        return self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+
+
+def _check_declared(key: str, declared: int | None, actual: int, what: str) -> None:
+    if declared is not None and int(declared) != int(actual):
+        raise ValueError(f"vae.{key}={declared} does not match {what}, which has {actual}; set vae.{key}={actual}")

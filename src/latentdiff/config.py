@@ -1,0 +1,98 @@
+"""OmegaConf resolvers used by `conf/` and run-time validation of a composed config.
+
+Resolvers are registered by `register_resolvers()`, which the entry scripts and the tests call before
+composing a config (no registration at import time).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _with_null(num_classes: int) -> int:
+    """Embedding rows for a class-conditional backbone: the classes plus one null class for CFG.
+
+    Returns -1 (the official U-ViT value for "no class conditioning") when the data has no classes.
+    """
+    return int(num_classes) + 1 if int(num_classes) > 0 else -1
+
+
+def register_resolvers() -> None:
+    """Register the `ld.*` resolvers once (idempotent)."""
+    resolvers = {
+        "ld.with_null": _with_null,
+        "ld.div": lambda a, b: int(a) // int(b),
+        "ld.mul": lambda a, b: a * b,
+        "ld.add": lambda a, b: a + b,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+class ConfigError(ValueError):
+    """A mistake in the run's configuration or inputs; the message is one line a user can act on."""
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Reject `group=option` overrides whose option has no file, before Hydra composes anything.
+
+    Hydra's own message spans several lines and comes with a hint about stack traces; this one names
+    the group, the value and the options in one line. Sweep syntax (`a,b`, `glob(...)`, `range(...)`)
+    is checked option by option where it is a plain list and left to Hydra otherwise.
+
+    Raises:
+        ConfigError: an option does not exist.
+    """
+    for arg in overrides:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = conf_dir / key.replace(".", "/")
+        if not group.is_dir() or "(" in value or value in ("null", ""):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option and option not in options:
+                raise ConfigError(f"{key}={option} is not a known option of '{key}'; use one of: {', '.join(options)}")
+
+
+def _number(cfg: DictConfig, key: str) -> float | None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    return value
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Checks that need no built object, run before any work so a mistake costs nothing.
+
+    Raises:
+        ConfigError: naming the key, the value and what is allowed.
+    """
+    checks = [
+        ("optim.lr", lambda v: v > 0, "must be > 0 (e.g. 2e-4)"),
+        ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+        ("optim.warmup_steps", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
+        ("module.p_uncond", lambda v: 0 <= v < 1, "is outside [0, 1); use e.g. 0.1 (U-ViT, DiT) or 0 for no CFG"),
+        ("module.ema.decay", lambda v: 0 <= v < 1, "must be in [0, 1) (e.g. 0.9999)"),
+        ("data.batch_size", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
+        ("data.num_workers", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
+        ("trainer.max_steps", lambda v: v == -1 or (v >= 1 and v == int(v)), "must be a positive integer (or -1)"),
+        ("trainer.accumulate_grad_batches", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
+        ("trainer.gradient_clip_val", lambda v: v >= 0, "must be >= 0 (0 or null disables clipping)"),
+        ("sampler.steps", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
+    ]
+    for key, ok, allowed in checks:
+        value = _number(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value} {allowed}")
+    precision = OmegaConf.select(cfg, "trainer.precision", default=None)
+    allowed_precision = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+    if precision is not None and str(precision) not in allowed_precision:
+        raise ConfigError(f"trainer.precision={precision} is not supported; use one of {', '.join(allowed_precision)}")

@@ -1,0 +1,206 @@
+"""Diffusion glue around diffusers schedulers: training targets, loss weighting, CFG, the sampling loop.
+
+The schedule itself (betas, alpha_bar, `add_noise`, `step`) always comes from a diffusers scheduler; this
+module only writes what diffusers leaves to the training script.
+
+Glossary (DDPM notation, discrete t in [0, N)):
+    x0        clean latent (B, C, h, w)
+    eps       standard normal noise, same shape
+    t         integer timesteps (B,), diffusers convention (0 = least noisy)
+    alpha_bar cumulative product of (1 - beta) at t
+    x_t       sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps        (scheduler.add_noise)
+    v         sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0        (scheduler.get_velocity)
+    snr       alpha_bar / (1 - alpha_bar)
+    w         classifier-free guidance weight, diffusers/DiT convention:
+              out = uncond + w * (cond - uncond); w = 1 is no guidance; U-ViT's `scale` s is w = 1 + s
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+Backbone = Callable[..., torch.Tensor]
+
+
+class GaussianDiffusion:
+    """Training objective for a discrete-time Gaussian diffusion defined by a diffusers `DDPMScheduler`.
+
+    Args:
+        scheduler: the training schedule; its `prediction_type` picks the target (eps, v or x0).
+        loss_weighting: "none" (plain MSE on the target) or "min_snr" (Hang et al. 2023, min-SNR-gamma).
+        min_snr_gamma: gamma of min-SNR weighting.
+    """
+
+    def __init__(self, scheduler: DDPMScheduler, loss_weighting: str = "none", min_snr_gamma: float = 5.0):
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"diffusion.scheduler.prediction_type={prediction_type!r} is not supported; "
+                f"use one of {', '.join(PREDICTION_TYPES)}"
+            )
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"diffusion.loss_weighting={loss_weighting!r} is not supported; use one of {', '.join(LOSS_WEIGHTINGS)}"
+            )
+        if min_snr_gamma <= 0:
+            raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma} must be > 0")
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t (B,)."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(t.device)[t].float()
+        return alpha_bar / (1.0 - alpha_bar)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the backbone learns to predict, per `prediction_type`."""
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, eps, t)
+        return x0
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight (B,); min-SNR-gamma expressed for the chosen target (Hang et al. 2023, eq. 7-9)."""
+        if self.loss_weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1.0)
+        return clipped
+
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
+        """Uniform integer timesteps (B,) in [0, N)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def loss(
+        self,
+        model: Backbone,
+        x0: torch.Tensor,
+        cond: torch.Tensor | None,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffusion loss of `model` on clean latents x0.
+
+        Args:
+            model: backbone, called as model(x_t, t, cond).
+            x0: clean latents (B, C, h, w).
+            cond: class ids (B,), text features (B, L, D) or None.
+            t: timesteps (B,); drawn uniformly when None.
+            eps: noise like x0; drawn when None.
+            generator: RNG for t and eps (for fixed validation noise).
+
+        Returns:
+            The weighted mean loss (scalar) and the unweighted per-sample MSE (B,).
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.scheduler.add_noise(x0, eps, t)  # (B, C, h, w)
+        pred = model(x_t, t, cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
+        pred = pred[:, : x0.shape[1]]  # the mean part; a learned variance would need its own VLB term
+        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.loss_weight(t) * mse).mean(), mse.detach()
+
+
+def guided_output(
+    model: Backbone,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor | None,
+    null_cond: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance, the project's one helper: uncond + w * (cond - uncond) on all channels.
+
+    Conditional and unconditional halves run in one batch. With w == 1 or no condition the model runs once.
+
+    Args:
+        model: backbone, model(x, t, cond).
+        x: (B, C, h, w) noisy latents.
+        t: (B,) timesteps.
+        cond: (B,) class ids or (B, L, D) text features, or None.
+        null_cond: the "no condition" input shaped like cond (null class id / empty-prompt features).
+        guidance_scale: w (diffusers/DiT convention; U-ViT's scale s is w = 1 + s).
+    """
+    if cond is None or guidance_scale == 1.0:
+        return model(x, t, cond)
+    if null_cond is None:
+        raise ValueError("guidance_scale != 1 needs an unconditional input (null class or empty prompt)")
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))  # (2B, ...)
+    out_cond, out_uncond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def make_sampling_scheduler(scheduler_partial: Callable[..., SchedulerMixin], train_scheduler) -> SchedulerMixin:
+    """A sampling scheduler (DDIM, DPM-Solver++, ...) sharing the training schedule's betas and target.
+
+    `scheduler_partial` is e.g. `functools.partial(DDIMScheduler.from_config, timestep_spacing="trailing")`,
+    as Hydra builds it from `conf/sampler/*.yaml`.
+    """
+    return scheduler_partial(train_scheduler.config)
+
+
+@torch.no_grad()
+def sample_loop(
+    model: Backbone,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    num_steps: int,
+    cond: torch.Tensor | None = None,
+    null_cond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    step_kwargs: dict[str, Any] | None = None,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Run a diffusers scheduler from pure noise to x0 with classifier-free guidance.
+
+    Args:
+        model: backbone (usually the EMA copy), model(x, t, cond).
+        scheduler: a sampling scheduler (see `make_sampling_scheduler`); its state is reset here.
+        noise: (B, C, h, w) standard normal start; the caller owns the seeds (per-sample seeds later).
+        num_steps: number of solver steps.
+        cond, null_cond, guidance_scale: as in `guided_output`.
+        generator: RNG for stochastic steps (DDPM, DDIM with eta > 0).
+        step_kwargs: extra arguments of `scheduler.step` (e.g. eta for DDIM).
+        progress: optional wrapper of the timestep iterator (e.g. tqdm).
+
+    Returns:
+        x0 latents (B, C, h, w).
+    """
+    if num_steps < 1:
+        raise ValueError(f"sampler.steps={num_steps} must be >= 1")
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma  # (B, C, h, w)
+    timesteps = scheduler.timesteps
+    for t in progress(timesteps) if progress else timesteps:
+        t_batch = t.expand(x.shape[0]).to(noise.device)  # (B,)
+        x_in = scheduler.scale_model_input(x, t)  # (B, C, h, w)
+        out = guided_output(model, x_in, t_batch, cond, null_cond, guidance_scale)[:, : x.shape[1]]
+        kwargs = dict(step_kwargs or {})
+        if generator is not None and "generator" in _step_params(scheduler):
+            kwargs["generator"] = generator
+        x = scheduler.step(out, t, x, return_dict=False, **kwargs)[0]  # (B, C, h, w)
+    return x
+
+
+def _step_params(scheduler: SchedulerMixin) -> set[str]:
+    return set(inspect.signature(scheduler.step).parameters)

@@ -1,0 +1,60 @@
+"""Exponential moving average of a backbone's weights (one EMA for the whole project)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Holds `model`, a frozen copy of the backbone, updated as ema <- ema + (1 - d) * (w - ema).
+
+    The copy is a submodule, so it moves with the LightningModule and is saved in its checkpoint; it is
+    never given to the optimizer.
+
+    Args:
+        backbone: the trained network; copied once at construction.
+        decay: target decay d (U-ViT and DiT use 0.9999).
+        warmup: ramp the decay as min(d, (1 + n) / (10 + n)) over updates n, so short runs are not
+            dominated by the initial weights (diffusers' EMAModel does the same).
+        update_every: update once every this many optimizer steps.
+        start_step: copy the weights (decay 0) until this optimizer step.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, decay: float = 0.9999, warmup: bool = True, update_every: int = 1,
+        start_step: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema.decay={decay} must be in [0, 1)")
+        if update_every < 1:
+            raise ValueError(f"ema.update_every={update_every} must be >= 1")
+        self.model = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self.decay, self.warmup = float(decay), warmup
+        self.update_every, self.start_step = int(update_every), int(start_step)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> EMA:
+        return super().train(False)  # the EMA copy always runs in eval mode (no dropout)
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            n = int(self.num_updates)
+            return min(self.decay, (1 + n) / (10 + n))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module, step: int) -> None:
+        """Blend `backbone` into the EMA copy after optimizer step `step` (0-based)."""
+        if step % self.update_every:
+            return
+        decay = 0.0 if step < self.start_step else self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(backbone.parameters(), ema_params, strict=True)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused kernel over all tensors
+        for e, b in zip(self.model.buffers(), backbone.buffers(), strict=True):
+            e.copy_(b)
+        self.num_updates += 1

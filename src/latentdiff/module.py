@@ -1,0 +1,166 @@
+"""The LightningModule: backbone + EMA + frozen autoencoder + diffusion objective.
+
+It receives built objects and partials (optimizer, LR schedule, EMA) from `run_training`; it never reads
+a global config. The autoencoder is a submodule (so it moves between devices with the rest) but is
+dropped from every state dict: checkpoints hold the backbone, the EMA copy, optimizer and schedule only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+
+from latentdiff.diffusion import GaussianDiffusion
+from latentdiff.ema import EMA
+
+_FROZEN_PREFIX = "autoencoder."
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a diffusion backbone on (latent) images.
+
+    Args:
+        backbone: network with `forward(x, timesteps, cond)`.
+        autoencoder: frozen `IdentityAutoencoder` or `FrozenAutoencoderKL`.
+        diffusion: the training objective around a diffusers scheduler.
+        optimizer: partial taking the parameters, e.g. `partial(torch.optim.AdamW, lr=2e-4)`.
+        lr_scheduler: partial taking the optimizer, stepped every optimizer step; None keeps the LR fixed.
+        ema: partial taking the backbone, e.g. `partial(EMA, decay=0.9999)`; None disables EMA.
+        num_classes: classes of the data (0 for unconditional or text); the null class id is `num_classes`.
+        p_uncond: probability of replacing the condition by the null condition (for CFG), in [0, 1).
+        compile: `torch.compile` the backbone's training forward (False, True, or a dict of compile kwargs).
+        run_config: the resolved run config (plain containers), stored in every checkpoint.
+        val_seed: seed of the fixed noise and timesteps used for `val/loss`, so it compares across steps.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        autoencoder: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        ema: Callable[[nn.Module], EMA] | None = None,
+        num_classes: int = 0,
+        p_uncond: float = 0.1,
+        compile: bool | dict = False,
+        run_config: dict | None = None,
+        val_seed: int = 1234,
+    ):
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"module.p_uncond={p_uncond} is outside [0, 1); use e.g. 0.1 (U-ViT, DiT)")
+        self.backbone = backbone
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.ema = ema(backbone) if ema is not None else None
+        self.diffusion = diffusion
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.num_classes, self.p_uncond = int(num_classes), float(p_uncond)
+        self.compile_options = compile
+        self.run_config = run_config
+        self.val_seed = val_seed
+        self.register_buffer("null_text", None, persistent=False)  # set by text datamodules (empty prompt)
+        self._train_forward: Callable = backbone
+        self._register_state_dict_hook(_drop_frozen_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.compile_options and self._train_forward is self.backbone:
+            options = self.compile_options if isinstance(self.compile_options, dict) else {}
+            self._train_forward = torch.compile(self.backbone, **options)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.backbone.parameters())  # the EMA copy is never optimized
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True) -> DiffusionModule:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: Lightning calls .train() on the whole module each epoch
+        return self
+
+    # ------------------------------------------------------------------------------------ conditions
+    def null_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The unconditional input shaped like `cond`: the null class id, or the empty-prompt features."""
+        if cond is None:
+            return None
+        if not cond.is_floating_point():
+            return torch.full_like(cond, self.num_classes)
+        if self.null_text is None:
+            raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
+        return self.null_text.to(cond.dtype).expand_as(cond)
+
+    def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """Replace each condition by the null condition with probability `p_uncond` (CFG training)."""
+        if cond is None or self.p_uncond == 0.0:
+            return cond
+        drop = torch.rand(cond.shape[0], device=cond.device) < self.p_uncond  # (B,)
+        return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), self.null_cond(cond), cond)
+
+    def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents z (B, C, h, w) from a batch of images or of stored VAE moments."""
+        if "moments" in batch:
+            return self.autoencoder.sample(batch["moments"], generator=generator)
+        return self.autoencoder.sample(self.autoencoder.encode_moments(batch["image"]), generator=generator)
+
+    # -------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0 = self.latents(batch)  # (B, C, h, w)
+        cond = self.drop_cond(batch.get("cond"))
+        loss, _ = self.diffusion.loss(self._train_forward, x0, cond)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            norm = grad_norm(self.backbone, norm_type=2)["grad_2.0_norm_total"]
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Lightning calls this once per real optimizer step (after gradient accumulation)
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.backbone, self.trainer.global_step - 1)  # global_step already counts this one
+
+    # ------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # fixed noise, timesteps and posterior draws per batch index: val/loss is comparable across steps
+        generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
+        x0 = self.latents({k: v.cpu() for k, v in batch.items()}, generator=generator).to(self.device)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
+        eps = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
+        cond = batch.get("cond")
+        loss, _ = self.diffusion.loss(self.backbone, x0, cond, t=t, eps=eps)
+        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
+        if self.ema is not None:
+            loss_ema, _ = self.diffusion.loss(self.ema.model, x0, cond, t=t, eps=eps)
+            self.log("val/loss_ema", loss_ema, batch_size=x0.shape[0], sync_dist=True)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from latentdiff.utils import framework_versions
+
+        checkpoint["latentdiff"] = {"config": self.run_config, "versions": framework_versions()}
+
+    @property
+    def sampling_backbone(self) -> nn.Module:
+        """The network to sample with: the EMA copy when there is one."""
+        return self.ema.model if self.ema is not None else self.backbone
+
+
+def _drop_frozen_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _FROZEN_PREFIX)]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(_FROZEN_PREFIX)]

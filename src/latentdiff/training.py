@@ -1,0 +1,100 @@
+"""`run_training(cfg)`: build everything from a composed config and fit it with Lightning."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+# files whose presence means a run directory already holds a run
+_RUN_MARKERS = ("last.ckpt", "metrics.csv", "config.yaml")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the errors of building objects from the config into one-line `ConfigError`s."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            raise ConfigError(str(cause).splitlines()[0] if str(cause) else repr(cause)) from cause
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """The LightningModule of a run (backbone, frozen autoencoder, diffusion, EMA, optimizer partials)."""
+    backbone = instantiate(cfg.model)
+    autoencoder = instantiate(cfg.vae)
+    diffusion = instantiate(cfg.diffusion)
+    module = DiffusionModule(
+        backbone=backbone,
+        autoencoder=autoencoder,
+        diffusion=diffusion,
+        optimizer=instantiate(cfg.optim.optimizer),
+        lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.get("lr_scheduler") else None,
+        ema=instantiate(cfg.module.ema) if cfg.module.get("ema") else None,
+        num_classes=cfg.data.num_classes,
+        p_uncond=cfg.module.p_uncond,
+        compile=OmegaConf.to_container(cfg.module.compile) if isinstance(cfg.module.compile, DictConfig)
+        else cfg.module.compile,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    module.latent_shape = (cfg.data.latent_channels, cfg.data.latent_size, cfg.data.latent_size)
+    return module
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    existing = [name for name in _RUN_MARKERS if (run_dir / name).exists()]
+    if existing and not resuming:
+        raise ConfigError(
+            f"paths.output_dir={run_dir} already holds a run ({', '.join(existing)}); "
+            "choose a new directory or resume with ckpt_path=<checkpoint>"
+        )
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Train the run described by `cfg` (composed from `conf/train.yaml`).
+
+    Returns:
+        The final logged metrics (floats), the run directory and the trainer's global step.
+    """
+    with user_errors():
+        validate_train_config(cfg)
+        run_dir = Path(cfg.paths.output_dir)
+        _check_run_dir(run_dir, resuming=cfg.get("ckpt_path") is not None)
+        if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.get("matmul_precision"):
+            torch.set_float32_matmul_precision(cfg.matmul_precision)
+        datamodule = instantiate(cfg.data)
+        module = build_module(cfg)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    num_params = sum(p.numel() for p in module.backbone.parameters())
+    log.info("backbone %s: %.2fM parameters; run directory %s", type(module.backbone).__name__, num_params / 1e6, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {"metrics": metrics, "run_dir": str(run_dir), "global_step": trainer.global_step}

@@ -1,0 +1,63 @@
+"""Shared fixtures: compose the real config tree (no subprocess), tiny overrides, a tmp run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from latentdiff.config import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# A run small enough for a unit test on 2 CPU cores.
+TINY_RUN = [
+    "data.num_train=256",
+    "data.num_val=64",
+    "data.batch_size=16",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "sampler.steps=2",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.samples_per_class=2",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
+    """Compose `conf/train.yaml` as `train.py` would, with `paths.*` pointing into `output_dir`."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides or []))
+    with open_dict(cfg):
+        root = Path(output_dir) if output_dir is not None else Path("/nonexistent-run-dir")
+        cfg.paths.root_dir = str(root)
+        cfg.paths.log_dir = str(root / "outputs")
+        cfg.paths.data_dir = str(root / "data")
+        cfg.paths.output_dir = str(root / "run")
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(overrides) -> DictConfig of conf/train.yaml, run directory under tmp_path."""
+
+    def _compose(overrides: list[str] | None = None) -> DictConfig:
+        return compose_config(overrides, tmp_path)
+
+    return _compose
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,9 @@
+"""Train a diffusion backbone: `python train.py experiment=<name> [key=value ...]` (see README)."""
+
+from pathlib import Path
+
+from latentdiff.cli import hydra_entry
+from latentdiff.training import run_training
+
+if __name__ == "__main__":
+    hydra_entry(run_training, Path(__file__).resolve().parent / "conf", "train")
