@@ -31,7 +31,8 @@ class DiffusionModule(L.LightningModule):
         optimizer: partial taking the parameters, e.g. `partial(torch.optim.AdamW, lr=2e-4)`.
         lr_scheduler: partial taking the optimizer, stepped every optimizer step; None keeps the LR fixed.
         ema: partial taking the backbone, e.g. `partial(EMA, decay=0.9999)`; None disables EMA.
-        num_classes: classes of the data (0 for unconditional or text); the null class id is `num_classes`.
+        num_classes: classes the run conditions on; the null class id is `num_classes`. 0: class labels in
+            the data are ignored (unconditional training); text features are always used.
         p_uncond: probability of replacing the condition by the null condition (for CFG), in [0, 1).
         compile: `torch.compile` the backbone's training forward (False, True, or a dict of compile kwargs).
         run_config: the resolved run config (plain containers), stored in every checkpoint.
@@ -98,6 +99,13 @@ class DiffusionModule(L.LightningModule):
             raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
         return self.null_text.to(cond.dtype).expand_as(cond)
 
+    def batch_cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The condition the backbone sees: class ids, text features, or None (unconditional run)."""
+        cond = batch.get("cond")
+        if cond is not None and not cond.is_floating_point() and self.num_classes == 0:
+            return None
+        return cond
+
     def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """Replace each condition by the null condition with probability `p_uncond` (CFG training)."""
         if cond is None or self.p_uncond == 0.0:
@@ -114,7 +122,7 @@ class DiffusionModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0 = self.latents(batch)  # (B, C, h, w)
-        cond = self.drop_cond(batch.get("cond"))
+        cond = self.drop_cond(self.batch_cond(batch))
         loss, _ = self.diffusion.loss(self._train_forward, x0, cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
@@ -131,18 +139,25 @@ class DiffusionModule(L.LightningModule):
             self.ema.update(self.backbone, self.trainer.global_step - 1)  # global_step already counts this one
 
     # ------------------------------------------------------------------------------------ validation
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # fixed noise, timesteps and posterior draws per batch index: val/loss is comparable across steps
+    @torch.no_grad()
+    def heldout_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Loss of `model` on a batch with noise, timesteps and posterior draws fixed by the batch index.
+
+        `val/loss` uses it, so values at different steps (or of different runs) are comparable.
+        """
         generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
         x0 = self.latents({k: v.cpu() for k, v in batch.items()}, generator=generator).to(self.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         eps = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
-        cond = batch.get("cond")
-        loss, _ = self.diffusion.loss(self.backbone, x0, cond, t=t, eps=eps)
-        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
+        loss, _ = self.diffusion.loss(model, x0, self.batch_cond(batch), t=t, eps=eps)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        batch_size = len(next(iter(batch.values())))
+        self.log("val/loss", self.heldout_loss(self.backbone, batch, batch_idx), batch_size=batch_size, sync_dist=True)
         if self.ema is not None:
-            loss_ema, _ = self.diffusion.loss(self.ema.model, x0, cond, t=t, eps=eps)
-            self.log("val/loss_ema", loss_ema, batch_size=x0.shape[0], sync_dist=True)
+            loss_ema = self.heldout_loss(self.ema.model, batch, batch_idx)
+            self.log("val/loss_ema", loss_ema, batch_size=batch_size, sync_dist=True)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

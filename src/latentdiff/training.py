@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.get("lr_scheduler") else None,
         ema=instantiate(cfg.module.ema) if cfg.module.get("ema") else None,
-        num_classes=cfg.data.num_classes,
+        num_classes=cfg.module.num_classes,
         p_uncond=cfg.module.p_uncond,
         compile=OmegaConf.to_container(cfg.module.compile) if isinstance(cfg.module.compile, DictConfig)
         else cfg.module.compile,
@@ -69,12 +70,24 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
         )
 
 
+def _quiet_known_warnings() -> None:
+    """Silence Lightning warnings that are expected here and would hide real ones."""
+    for message in (
+        r".*module\(s\) in eval mode.*",  # the EMA copy and the frozen autoencoder are eval by design
+        r"Experiment logs directory .* exists and is not empty.*",  # config.yaml is written there first
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*does not have many workers.*",  # in-memory data needs none
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train the run described by `cfg` (composed from `conf/train.yaml`).
 
     Returns:
         The final logged metrics (floats), the run directory and the trainer's global step.
     """
+    _quiet_known_warnings()
     with user_errors():
         validate_train_config(cfg)
         run_dir = Path(cfg.paths.output_dir)

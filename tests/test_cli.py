@@ -1,0 +1,48 @@
+"""The command line as a user meets it: one-line errors, exit status, nothing left behind, --cfg job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    env.pop("LATENTDIFF_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.patch_size=3"], "error: model.patch_size=3 does not divide the input size 32; use one of 1, 2, 4, 8, 16, 32"),
+        (["model=uvit_xxl"], "error: model=uvit_xxl is not a known option of 'model'; use one of: unet, unet_cond"),
+        (["optim.lr=-1e-4"], "error: optim.lr=-0.0001 must be > 0"),
+        (["module.p_uncond=1.5"], "error: module.p_uncond=1.5 is outside [0, 1)"),
+        (["model.skip=sideways"], "error: model.skip='sideways' is not allowed; use one of"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_exit_and_no_run_dir(tmp_path, args, message):
+    proc = _train(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    leftovers = list((tmp_path / "outputs").rglob("*")) if (tmp_path / "outputs").exists() else []
+    assert not [p for p in leftovers if p.is_file()], leftovers  # no half-written run directory
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = _train(tmp_path, "model=uvit_s2", "optim.lr=1e-4", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "embed_dim: 512" in proc.stdout and "lr: 0.0001" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
