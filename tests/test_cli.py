@@ -17,15 +17,25 @@ def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env.pop("LATENTDIFF_DEBUG", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["model.patch_size=3"], "error: model.patch_size=3 does not divide the input size 32; use one of 1, 2, 4, 8, 16, 32"),
-        (["model=uvit_xxl"], "error: model=uvit_xxl is not a known option of 'model'; use one of: unet, unet_cond"),
+        (
+            ["model.patch_size=3"],
+            "error: model.patch_size=3 does not divide the input size 32; use one of 1, 2, 4, 8, 16, 32",
+        ),
+        (
+            ["model=uvit_xxl"],
+            "error: model=uvit_xxl is not a known option of 'model'; use one of: unet, unet_cond",
+        ),
         (["optim.lr=-1e-4"], "error: optim.lr=-0.0001 must be > 0"),
         (["module.p_uncond=1.5"], "error: module.p_uncond=1.5 is outside [0, 1)"),
         (["model.skip=sideways"], "error: model.skip='sideways' is not allowed; use one of"),

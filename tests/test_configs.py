@@ -18,8 +18,19 @@ NEEDS_ARTEFACT = {("vae", "sd_ema"), ("vae", "sd_mse"), ("vae", "local")}
 
 
 def test_groups_mirror_the_package():
-    expected = {"model", "data", "vae", "diffusion", "sampler", "optim", "module", "trainer", "logger", "callbacks",
-                "experiment"}
+    expected = {
+        "model",
+        "data",
+        "vae",
+        "diffusion",
+        "sampler",
+        "optim",
+        "module",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+    }
     assert expected <= set(GROUPS)
 
 

@@ -49,10 +49,13 @@ def test_datamodule_batches_are_in_range():
     assert not torch.equal(val["image"], batch["image"])  # held-out images come from another seed
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(num_classes=7), "data.num_classes=7 is not supported by data=shapes; use 1..6"),
-    (dict(image_size=4), "data.image_size=4 is too small"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_classes=7), "data.num_classes=7 is not supported by data=shapes; use 1..6"),
+        (dict(image_size=4), "data.image_size=4 is too small"),
+    ],
+)
 def test_bad_shapes_options(kwargs, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         render_shapes(4, **kwargs)

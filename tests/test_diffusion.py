@@ -75,8 +75,11 @@ def test_cfg_combines_all_channels_in_one_batch():
 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "steps"),
-    [(DDIMScheduler, {"timestep_spacing": "trailing"}, 20), (DPMSolverMultistepScheduler, {}, 10),
-     (DDPMScheduler, {"timestep_spacing": "trailing"}, 50)],
+    [
+        (DDIMScheduler, {"timestep_spacing": "trailing"}, 20),
+        (DPMSolverMultistepScheduler, {}, 10),
+        (DDPMScheduler, {"timestep_spacing": "trailing"}, 50),
+    ],
 )
 def test_sampling_with_the_ideal_denoiser_recovers_the_data_point(cls, kwargs, steps):
     """With data = one point x*, the exact eps-predictor is (x_t - sqrt(ab) x*) / sqrt(1 - ab): samplers land on x*."""

@@ -13,11 +13,19 @@ from latentdiff.training import build_module, run_training
 
 def test_quickstart_loss_falls_on_held_out_noise_levels(compose_cfg):
     # the quickstart experiment as it is, shortened to 250 steps of batch 32
-    cfg = compose_cfg([
-        "trainer.max_steps=250", "trainer.val_check_interval=125", "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false", "data.batch_size=32", "data.num_train=4000",
-        "callbacks.sample_grid.every_n_steps=0", "callbacks.progress_bar=null", "optim.warmup_steps=25",
-    ])
+    cfg = compose_cfg(
+        [
+            "trainer.max_steps=250",
+            "trainer.val_check_interval=125",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=32",
+            "data.num_train=4000",
+            "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.progress_bar=null",
+            "optim.warmup_steps=25",
+        ]
+    )
     # the same held-out loss (same images, noise, timesteps) for the untrained model
     torch.manual_seed(cfg.seed)
     untrained = build_module(cfg).eval()

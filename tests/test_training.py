@@ -22,7 +22,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("model", "extra"), [("uvit_tiny", []), ("unet_tiny", []), ("uvit_tiny", ["module.num_classes=0"])],
+    ("model", "extra"),
+    [("uvit_tiny", []), ("unet_tiny", []), ("uvit_tiny", ["module.num_classes=0"])],
     ids=["uvit", "unet", "uvit-unconditional"],
 )
 def test_one_run_per_backbone_family_writes_the_run_directory(compose_cfg, model, extra):
@@ -63,7 +64,7 @@ def test_checkpoint_save_load_gives_the_same_outputs(compose_cfg):
     other.load_state_dict(ckpt["state_dict"])
     torch.testing.assert_close(fresh.backbone(x, t, y), other.backbone(x, t, y), rtol=0, atol=0)
     torch.testing.assert_close(fresh.ema.model(x, t, y), other.ema.model(x, t, y), rtol=0, atol=0)
-    backbone_state = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    backbone_state = {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     raw = instantiate(cfg.model)
     raw.load_state_dict(backbone_state)
     torch.testing.assert_close(raw(x, t, y), fresh.backbone(x, t, y), rtol=0, atol=0)
@@ -73,11 +74,23 @@ def test_latent_space_run_with_a_local_autoencoderkl(compose_cfg, tmp_path):
     vae_dir = tmp_path / "tiny_vae"
     torch.manual_seed(0)
     AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
     ).save_pretrained(vae_dir)
-    cfg = compose_cfg([*TINY_RUN, "vae=local", f"vae.pretrained={vae_dir}", "vae.downsample_factor=2",
-                       "vae.scaling_factor=0.5", "model.patch_size=2"])
+    cfg = compose_cfg(
+        [
+            *TINY_RUN,
+            "vae=local",
+            f"vae.pretrained={vae_dir}",
+            "vae.downsample_factor=2",
+            "vae.scaling_factor=0.5",
+            "model.patch_size=2",
+        ]
+    )
     assert cfg.model.img_size == 16 and cfg.model.in_chans == 4
     run = Path(run_training(cfg)["run_dir"])
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
@@ -108,8 +121,21 @@ def test_refuses_to_write_into_an_existing_run(compose_cfg):
 
 
 def test_gradient_accumulation_and_bf16_run(compose_cfg):
-    cfg = compose_cfg([*TINY_RUN, "trainer.accumulate_grad_batches=2", "trainer.precision=bf16-mixed",
-                       "trainer.max_steps=2"])
+    cfg = compose_cfg(
+        [
+            *TINY_RUN,
+            "trainer.accumulate_grad_batches=2",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=2",
+        ]
+    )
     result = run_training(cfg)
     assert result["global_step"] == 2
     assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+
+
+@pytest.mark.slow
+def test_compiled_training_step(compose_cfg):
+    cfg = compose_cfg([*TINY_RUN, "module.compile=true", "trainer.max_steps=2"])
+    result = run_training(cfg)
+    assert result["global_step"] == 2 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))

@@ -79,8 +79,7 @@ def test_timestep_offset_reproduces_official_latent_timesteps(name: str) -> None
     x, _, cond = reference_inputs(args, "clip_dim" in args)
     with torch.no_grad():
         y = model(x, torch.tensor([0, 999]), cond)
-    torch.testing.assert_close(y.flatten(), torch.tensor(REFERENCE[name]["output_at_n_1_1000"]),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(y.flatten(), torch.tensor(REFERENCE[name]["output_at_n_1_1000"]), rtol=0, atol=1e-5)
 
 
 def test_scalar_timesteps_broadcast() -> None:
@@ -93,7 +92,7 @@ def test_scalar_timesteps_broadcast() -> None:
 
 # preset: (data shape facts: latent_size, latent_channels, data.num_classes; official parameter count)
 PRESETS = {
-    "uvit_tiny": ((32, 3, 4), 1_521_120),
+    "uvit_tiny": ((32, 3, 4), 1_497_348),  # sincos positions: a buffer, not a parameter (learned: 1,505,796)
     "uvit_s2": ((32, 3, 0), 44_255_328),
     "uvit_s4": ((64, 3, 0), 44_292_228),
     "uvit_m4": ((64, 3, 1000), 130_941_060),  # 1001 label rows; the official ImageNet-64 has 1000
@@ -111,9 +110,7 @@ def test_every_preset_is_counted() -> None:
     assert sorted(p.stem for p in CONF_MODEL.glob("uvit*.yaml")) == sorted(PRESETS)
 
 
-def _model_cfg(
-    request: pytest.FixtureRequest, preset: str, size: int, chans: int, classes: int
-) -> DictConfig:
+def _model_cfg(request: pytest.FixtureRequest, preset: str, size: int, chans: int, classes: int) -> DictConfig:
     """The preset's resolved model node, composed through the config tree when conftest offers it."""
     data = {"latent_size": size, "latent_channels": chans, "num_classes": classes}
     try:
@@ -148,14 +145,20 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-ABLATIONS = [
-    {"skip": s} for s in (True, False, "concat_linear", "add", "linear_skip_add", "linear_after_add", "none")
-] + [{"conv": c} for c in (True, False, "after", "before", "none")] + [
-    {"time_cond": "adaln"}, {"time_cond": "adaln", "mlp_time_embed": True},
-    {"patch_embed_type": "conv"}, {"patch_embed_type": "conv", "patch_size": 1},
-    {"patch_embed_type": "conv", "patch_size": 4}, {"pos_embed_type": "sincos"},
-    {"use_checkpoint": True}, {"qk_scale": 0.1, "qkv_bias": True, "mlp_ratio": 2.5},
-]
+ABLATIONS = (
+    [{"skip": s} for s in (True, False, "concat_linear", "add", "linear_skip_add", "linear_after_add", "none")]
+    + [{"conv": c} for c in (True, False, "after", "before", "none")]
+    + [
+        {"time_cond": "adaln"},
+        {"time_cond": "adaln", "mlp_time_embed": True},
+        {"patch_embed_type": "conv"},
+        {"patch_embed_type": "conv", "patch_size": 1},
+        {"patch_embed_type": "conv", "patch_size": 4},
+        {"pos_embed_type": "sincos"},
+        {"use_checkpoint": True},
+        {"qk_scale": 0.1, "qkv_bias": True, "mlp_ratio": 2.5},
+    ]
+)
 
 
 @pytest.mark.parametrize("kwargs", ABLATIONS, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()))
@@ -226,8 +229,14 @@ def test_sincos_pos_embed_is_fixed_and_two_dimensional() -> None:
 def test_conv_patch_embed_names() -> None:
     model = tiny(patch_embed_type="conv", patch_size=4)
     keys = {k for k in model.state_dict() if k.startswith("patch_embed")}
-    assert keys == {"patch_embed.stem.0.weight", "patch_embed.stem.0.bias", "patch_embed.stem.2.weight",
-                    "patch_embed.stem.2.bias", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert keys == {
+        "patch_embed.stem.0.weight",
+        "patch_embed.stem.0.bias",
+        "patch_embed.stem.2.weight",
+        "patch_embed.stem.2.bias",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+    }
 
 
 def test_checkpointing_gives_the_same_gradients() -> None:

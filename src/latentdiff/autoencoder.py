@@ -17,8 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 class IdentityAutoencoder(nn.Module):
@@ -32,7 +38,10 @@ class IdentityAutoencoder(nn.Module):
     """
 
     def __init__(
-        self, channels: int = 3, scaling_factor: float = 1.0, downsample_factor: int = 1,
+        self,
+        channels: int = 3,
+        scaling_factor: float = 1.0,
+        downsample_factor: int = 1,
         latent_channels: int | None = None,
     ):
         super().__init__()

@@ -56,7 +56,11 @@ class SampleGrid(L.Callback):
         self.steps, self.guidance_scale = steps, guidance_scale
         self.step_kwargs = dict(step_kwargs or {})
         self.every_n_steps = every_n_steps
-        self.samples_per_class, self.num_samples, self.max_classes = samples_per_class, num_samples, max_classes
+        self.samples_per_class, self.num_samples, self.max_classes = (
+            samples_per_class,
+            num_samples,
+            max_classes,
+        )
         self.seed = seed
         self._last_step = -1
 
@@ -80,8 +84,15 @@ class SampleGrid(L.Callback):
         cond = cond.to(pl_module.device) if cond is not None else None
         scheduler = make_sampling_scheduler(self.scheduler_partial, pl_module.diffusion.scheduler)
         latents = sample_loop(
-            latent, scheduler, noise, self.steps, cond=cond, null_cond=pl_module.null_cond(cond),
-            guidance_scale=self.guidance_scale, generator=generator, step_kwargs=self.step_kwargs,
+            latent,
+            scheduler,
+            noise,
+            self.steps,
+            cond=cond,
+            null_cond=pl_module.null_cond(cond),
+            guidance_scale=self.guidance_scale,
+            generator=generator,
+            step_kwargs=self.step_kwargs,
         )
         images = (pl_module.autoencoder.decode(latents).float().clamp(-1, 1) + 1) / 2  # (B, 3, H, W)
         return torchvision.utils.make_grid(images.cpu(), nrow=ncol, padding=2, pad_value=1.0)

@@ -79,11 +79,19 @@ def validate_train_config(cfg: DictConfig) -> None:
         ("optim.lr", lambda v: v > 0, "must be > 0 (e.g. 2e-4)"),
         ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
         ("optim.warmup_steps", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
-        ("module.p_uncond", lambda v: 0 <= v < 1, "is outside [0, 1); use e.g. 0.1 (U-ViT, DiT) or 0 for no CFG"),
+        (
+            "module.p_uncond",
+            lambda v: 0 <= v < 1,
+            "is outside [0, 1); use e.g. 0.1 (U-ViT, DiT) or 0 for no CFG",
+        ),
         ("module.ema.decay", lambda v: 0 <= v < 1, "must be in [0, 1) (e.g. 0.9999)"),
         ("data.batch_size", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
         ("data.num_workers", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
-        ("trainer.max_steps", lambda v: v == -1 or (v >= 1 and v == int(v)), "must be a positive integer (or -1)"),
+        (
+            "trainer.max_steps",
+            lambda v: v == -1 or (v >= 1 and v == int(v)),
+            "must be a positive integer (or -1)",
+        ),
         ("trainer.accumulate_grad_batches", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
         ("trainer.gradient_clip_val", lambda v: v >= 0, "must be >= 0 (0 or null disables clipping)"),
         ("sampler.steps", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
@@ -93,6 +101,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value} {allowed}")
     precision = OmegaConf.select(cfg, "trainer.precision", default=None)
-    allowed_precision = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+    allowed_precision = (
+        "32-true",
+        "32",
+        "bf16-mixed",
+        "16-mixed",
+        "bf16-true",
+        "16-true",
+        "64-true",
+        "transformer-engine",
+    )
     if precision is not None and str(precision) not in allowed_precision:
         raise ConfigError(f"trainer.precision={precision} is not supported; use one of {', '.join(allowed_precision)}")

@@ -24,7 +24,11 @@ class EMA(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, decay: float = 0.9999, warmup: bool = True, update_every: int = 1,
+        self,
+        backbone: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        update_every: int = 1,
         start_step: int = 0,
     ):
         super().__init__()

@@ -154,7 +154,12 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         batch_size = len(next(iter(batch.values())))
-        self.log("val/loss", self.heldout_loss(self.backbone, batch, batch_idx), batch_size=batch_size, sync_dist=True)
+        self.log(
+            "val/loss",
+            self.heldout_loss(self.backbone, batch, batch_idx),
+            batch_size=batch_size,
+            sync_dist=True,
+        )
         if self.ema is not None:
             loss_ema = self.heldout_loss(self.ema.model, batch, batch_idx)
             self.log("val/loss_ema", loss_ema, batch_size=batch_size, sync_dist=True)

@@ -53,7 +53,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         ema=instantiate(cfg.module.ema) if cfg.module.get("ema") else None,
         num_classes=cfg.module.num_classes,
         p_uncond=cfg.module.p_uncond,
-        compile=OmegaConf.to_container(cfg.module.compile) if isinstance(cfg.module.compile, DictConfig)
+        compile=OmegaConf.to_container(cfg.module.compile)
+        if isinstance(cfg.module.compile, DictConfig)
         else cfg.module.compile,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
@@ -107,7 +108,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     num_params = sum(p.numel() for p in module.backbone.parameters())
-    log.info("backbone %s: %.2fM parameters; run directory %s", type(module.backbone).__name__, num_params / 1e6, run_dir)
+    log.info(
+        "backbone %s: %.2fM parameters; run directory %s",
+        type(module.backbone).__name__,
+        num_params / 1e6,
+        run_dir,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"metrics": metrics, "run_dir": str(run_dir), "global_step": trainer.global_step}

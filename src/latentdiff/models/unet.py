@@ -43,8 +43,7 @@ def _check_kwargs(cls: type[ModelMixin], kwargs: dict[str, Any]) -> dict[str, An
 
     channels, groups = list(get("block_out_channels")), get("norm_num_groups")
     if groups is not None and any(c % groups for c in channels):
-        raise ValueError(f"model.norm_num_groups={groups} must divide each of "
-                         f"model.block_out_channels={channels}")
+        raise ValueError(f"model.norm_num_groups={groups} must divide each of model.block_out_channels={channels}")
     size, factor = get("sample_size"), 2 ** (len(get("down_block_types")) - 1)
     if any(s % factor for s in ([size] if isinstance(size, int) else size or [])):
         raise ValueError(
@@ -66,9 +65,7 @@ class _DiffusersUNet(nn.Module):
             self.unet.enable_gradient_checkpointing()
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path, gradient_checkpointing: bool = False, **kwargs: Any
-    ) -> _DiffusersUNet:
+    def from_pretrained(cls, path: str | Path, gradient_checkpointing: bool = False, **kwargs: Any) -> _DiffusersUNet:
         """Load a diffusers folder: a local path or a hub id; `kwargs` go to diffusers' `from_pretrained`."""
         unet = cls.diffusers_cls.from_pretrained(path, **kwargs)
         config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
@@ -172,8 +169,10 @@ class UNetCond(_DiffusersUNet):
         config = self.unet.config
         dim = config.encoder_hid_dim if config.encoder_hid_dim is not None else config.cross_attention_dim
         if cond is None:
-            raise ValueError(f"UNetCond needs text features cond (B, L, {dim}), got None; "
-                             "for guidance pass the null prompt's features")
+            raise ValueError(
+                f"UNetCond needs text features cond (B, L, {dim}), got None; "
+                "for guidance pass the null prompt's features"
+            )
         if cond.ndim != 3 or (isinstance(dim, int) and cond.shape[-1] != dim):
             raise ValueError(
                 f"cond must be text features (B, L, {dim}), got {tuple(cond.shape)}; "

@@ -62,8 +62,9 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim / 4,)
     coords = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each
-    enc = [torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
-           for p in (rows, cols)]  # 2 x (grid^2, dim / 2)
+    enc = [
+        torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1) for p in (rows, cols)
+    ]  # 2 x (grid^2, dim / 2)
     return torch.cat(enc, dim=1).float()
 
 
@@ -101,8 +102,16 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; out-blocks first merge the long skip `h_s` into `h_m` (paper eq. 3)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, qk_scale: float | None,
-                 skip: str = "none", adaln: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        skip: str = "none",
+        adaln: bool = False,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
@@ -125,8 +134,9 @@ class Block(nn.Module):
             return self.skip_linear(h_m + h_s)
         return h_m
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
-                emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if skip is not None:
             x = self.merge_skip(x, skip)  # (B, L, D)
         if self.ada_ln is None:
@@ -190,12 +200,29 @@ class UViT(nn.Module):
         pos_embed_type: "learned" (official) or "sincos" (fixed 2D sin-cos; zeros on the extra tokens).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 qk_scale: float | None = None, mlp_time_embed: bool = False, num_classes: int = -1,
-                 use_checkpoint: bool = False, conv: bool | str = True, skip: bool | str = True,
-                 clip_dim: int | None = None, num_clip_token: int = 77, timestep_offset: float = 0.0,
-                 time_cond: str = "token", patch_embed_type: str = "linear", pos_embed_type: str = "learned"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        mlp_time_embed: bool = False,
+        num_classes: int = -1,
+        use_checkpoint: bool = False,
+        conv: bool | str = True,
+        skip: bool | str = True,
+        clip_dim: int | None = None,
+        num_clip_token: int = 77,
+        timestep_offset: float = 0.0,
+        time_cond: str = "token",
+        patch_embed_type: str = "linear",
+        pos_embed_type: str = "learned",
+    ):
         super().__init__()
         skip = _choice("skip", skip, SKIP_MODES, {True: "concat_linear", False: "none"})
         self.conv = _choice("conv", conv, CONV_MODES, {True: "after", False: "none"})
@@ -204,19 +231,19 @@ class UViT(nn.Module):
         pos_embed_type = _choice("pos_embed_type", pos_embed_type, POS_EMBED_TYPES)
         if img_size % patch_size:
             divisors = ", ".join(str(d) for d in range(1, img_size + 1) if img_size % d == 0)
-            raise ValueError(f"model.patch_size={patch_size} does not divide the input size {img_size}; "
-                             f"use one of {divisors}")
+            raise ValueError(
+                f"model.patch_size={patch_size} does not divide the input size {img_size}; use one of {divisors}"
+            )
         if patch_embed_type == "conv" and patch_size & (patch_size - 1):
-            raise ValueError(f"model.patch_size={patch_size} must be a power of 2 with "
-                             "model.patch_embed_type='conv'")
+            raise ValueError(f"model.patch_size={patch_size} must be a power of 2 with model.patch_embed_type='conv'")
         if embed_dim % num_heads:
             raise ValueError(f"model.embed_dim={embed_dim} is not a multiple of model.num_heads={num_heads}")
         if pos_embed_type == "sincos" and embed_dim % 4:
-            raise ValueError(f"model.embed_dim={embed_dim} must be a multiple of 4 with "
-                             "model.pos_embed_type='sincos'")
+            raise ValueError(f"model.embed_dim={embed_dim} must be a multiple of 4 with model.pos_embed_type='sincos'")
         if clip_dim is not None and num_classes > 0:
-            raise ValueError(f"model.clip_dim={clip_dim} (text conditioning) needs model.num_classes=-1, "
-                             f"got {num_classes}")
+            raise ValueError(
+                f"model.clip_dim={clip_dim} (text conditioning) needs model.num_classes=-1, got {num_classes}"
+            )
         self.embed_dim, self.in_chans, self.patch_size = embed_dim, in_chans, patch_size
         self.num_classes, self.clip_dim, self.num_clip_token = num_classes, clip_dim, num_clip_token
         self.use_checkpoint, self.timestep_offset = use_checkpoint, float(timestep_offset)
@@ -224,9 +251,11 @@ class UViT(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_embed_type)
         grid = img_size // patch_size
-        self.time_embed = nn.Sequential(
-            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim)
-        ) if mlp_time_embed else nn.Identity()
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed
+            else nn.Identity()
+        )
         self.extras = 0 if self.adaln else 1  # the time token
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
@@ -240,8 +269,14 @@ class UViT(nn.Module):
             fixed = F.pad(sincos_pos_embed_2d(embed_dim, grid), (0, 0, self.extras, 0))  # (E + L, D)
             self.register_buffer("pos_embed", fixed[None], persistent=False)
 
-        block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                     qk_scale=qk_scale, adaln=self.adaln)
+        block = dict(
+            dim=embed_dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            adaln=self.adaln,
+        )
         self.in_blocks = nn.ModuleList([Block(**block) for _ in range(depth // 2)])
         self.mid_block = Block(**block)
         self.out_blocks = nn.ModuleList([Block(**block, skip=skip) for _ in range(depth // 2)])
@@ -275,8 +310,9 @@ class UViT(nn.Module):
         """Parameter names the official recipe exempts from weight decay."""
         return {"pos_embed"}
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float | int,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | float | int, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the diffusion target for a noisy input.
 
         Args:
@@ -303,7 +339,7 @@ class UViT(nn.Module):
         for blk in self.out_blocks:
             h = self._run(blk, h, skips.pop(), emb)  # (B, E + L, D)
 
-        h = self.norm(h)[:, self.extras:]  # (B, L, D): drop the time/condition tokens
+        h = self.norm(h)[:, self.extras :]  # (B, L, D): drop the time/condition tokens
         if self.token_conv is not None:
             grid = h.transpose(1, 2).reshape(B, -1, H // P, W // P)  # (B, D, H / P, W / P)
             h = self.token_conv(grid).flatten(2).transpose(1, 2)  # (B, L, D)
@@ -317,17 +353,22 @@ class UViT(nn.Module):
         time = [] if self.adaln else [emb[:, None]]
         if self.num_classes > 0:
             if cond is None or cond.shape != (B,) or cond.is_floating_point():
-                raise ValueError(f"this UViT has num_classes={self.num_classes}: cond must be (B,) class ids "
-                                 f"(the null class is {self.num_classes - 1}), got {_describe(cond)}")
+                raise ValueError(
+                    f"this UViT has num_classes={self.num_classes}: cond must be (B,) class ids "
+                    f"(the null class is {self.num_classes - 1}), got {_describe(cond)}"
+                )
             return [self.label_emb(cond)[:, None], *time]  # official: [label, time]
         if self.clip_dim is not None:
             if cond is None or cond.shape != (B, self.num_clip_token, self.clip_dim):
-                raise ValueError(f"this UViT takes text: cond must be (B, {self.num_clip_token}, "
-                                 f"{self.clip_dim}) features, got {_describe(cond)}")
+                raise ValueError(
+                    f"this UViT takes text: cond must be (B, {self.num_clip_token}, "
+                    f"{self.clip_dim}) features, got {_describe(cond)}"
+                )
             return [*time, self.context_embed(cond.to(emb.dtype))]  # official: [time, text]
         if cond is not None:
-            raise ValueError("this UViT is unconditional (num_classes=-1, clip_dim=None): cond must be "
-                             f"None, got {_describe(cond)}")
+            raise ValueError(
+                f"this UViT is unconditional (num_classes=-1, clip_dim=None): cond must be None, got {_describe(cond)}"
+            )
         return time
 
     def _run(self, blk: Block, h: torch.Tensor, skip: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""Loggers: CSV always; TensorBoard; wandb offline without credentials and never prompting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from latentdiff.loggers import wandb_logged_in, wandb_logger
+from latentdiff.training import run_training
+
+from .conftest import TINY_RUN
+
+
+def test_wandb_chooses_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert not wandb_logged_in()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_logged_in()
+    with pytest.raises(ValueError, match="logger.wandb.mode='cloud' is not supported"):
+        wandb_logger(mode="cloud")
+
+
+@pytest.mark.slow
+def test_csv_tensorboard_and_offline_wandb_in_one_run(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose_cfg([*TINY_RUN, "logger=all", "callbacks.sample_grid.every_n_steps=3"])
+    run = Path(run_training(cfg)["run_dir"])
+    assert (run / "metrics.csv").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("*.wandb"))
