@@ -149,7 +149,7 @@ class LossCurve(L.Callback):
         self.val: dict[str, list[tuple[int, float]]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and outputs is not None:
+        if outputs is not None and (trainer.global_step % self.every_n_steps == 0 or not self.train):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.train.append((trainer.global_step, float(loss)))
 
