@@ -119,7 +119,8 @@ class FrozenAutoencoderKL(nn.Module):
         """Draw z = scale * (mean + std * eps) from (B, 2C, h, w) moments; returns (B, C, h, w) fp32."""
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of diffusers' DiagonalGaussianDistribution
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        where = generator.device if generator is not None else mean.device  # a CPU generator on a GPU run
+        eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
         return self.scaling_factor * (mean + std * eps)
 
     @torch.no_grad()

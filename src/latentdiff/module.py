@@ -146,7 +146,7 @@ class DiffusionModule(L.LightningModule):
         `val/loss` uses it, so values at different steps (or of different runs) are comparable.
         """
         generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
-        x0 = self.latents({k: v.cpu() for k, v in batch.items()}, generator=generator).to(self.device)
+        x0 = self.latents(batch, generator=generator)  # the posterior draw uses the CPU generator
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         eps = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
         loss, _ = self.diffusion.loss(model, x0, self.batch_cond(batch), t=t, eps=eps)
