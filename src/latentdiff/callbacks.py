@@ -77,14 +77,14 @@ class SampleGrid(L.Callback):
         """Sample and decode the grid; returns a (3, H, W) float image in [0, 1]."""
         cond, ncol = self._conditions(pl_module)
         count = len(cond) if cond is not None else self.num_samples
-        latent = pl_module.sampling_backbone
+        model = pl_module.sampling_backbone
         shape = _latent_shape(pl_module)
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn((count, *shape), generator=generator).to(pl_module.device)  # (B, C, h, w)
         cond = cond.to(pl_module.device) if cond is not None else None
         scheduler = make_sampling_scheduler(self.scheduler_partial, pl_module.diffusion.scheduler)
         latents = sample_loop(
-            latent,
+            model,
             scheduler,
             noise,
             self.steps,
