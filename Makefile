@@ -10,11 +10,11 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format clean
+.PHONY: help install train extract test test-fast bench lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  Pass options with ARGS=\"...\" (train) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
+	@echo "  Pass options with ARGS=\"...\" (train, extract) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -29,11 +29,17 @@ install: $(VENV)/.installed ## Install the package and its locked dependencies i
 train: install ## Train the default experiment (quickstart: U-ViT-tiny on built-in shapes, CPU, ~5 min)
 	$(PY) train.py $(ARGS)
 
+extract: install ## Encode images into a latent store: make extract ARGS="data=imagenet_folder data.root=... out=..."
+	$(PY) -m latentdiff.extract $(ARGS)
+
 test: install ## Run all tests (fast tier + slow tier), CPU, offline
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install ## Run the fast tier only
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install ## Run the benchmarks (bench/): print tables, write JSON under outputs/bench/
+	$(PY) bench/loader.py
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .

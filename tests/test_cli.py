@@ -56,3 +56,51 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "embed_dim: 512" in proc.stdout and "lr: 0.0001" in proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def _extract(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    env.pop("LATENTDIFF_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "latentdiff.extract", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.root={tmp}/absent", "out={tmp}/store"], "error: data.root={tmp}/absent does not exist"),
+        (
+            ["data.root={tmp}", "out={tmp}/store", "vae=sd_ema", "vae.pretrained={tmp}/no-vae"],
+            "error: vae.pretrained='{tmp}/no-vae' (hub id) could not be loaded",
+        ),
+        (
+            ["data=coco_captions", "data.images={tmp}", "data.annotations={tmp}/absent.json", "out={tmp}/store"],
+            "error: data.annotations={tmp}/absent.json does not exist",
+        ),
+        (["data.root={tmp}"], "error: out=??? is missing"),
+    ],
+)
+def test_extraction_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(b"")  # a folder with one (unreadable) image
+    proc = _extract(tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert not (tmp_path / "store").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls"]  # nothing written, no Hydra folders
+
+
+def test_offline_sd_ema_says_what_to_download(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(b"")
+    proc = _extract(tmp_path, f"data.root={tmp_path}", f"out={tmp_path}/store", "vae=sd_ema")
+    assert proc.returncode == 2
+    assert "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir <dir>" in proc.stderr
+    assert "set vae.pretrained=<dir>" in proc.stderr

@@ -11,9 +11,11 @@ from latentdiff.config import ConfigError, check_group_choices, validate_train_c
 
 from .conftest import CONF_DIR
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+# groups of conf/train.yaml (text_encoder belongs to conf/extract.yaml)
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder"))
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # options that need an artefact a user supplies (a VAE folder), composed but not instantiated here
+EXTRACTION_SOURCES = ("imagenet_folder", "coco_captions")  # data options of conf/extract.yaml
 NEEDS_ARTEFACT = {("vae", "sd_ema"), ("vae", "sd_mse"), ("vae", "local")}
 
 
@@ -39,10 +41,17 @@ def test_every_option_composes_and_resolves(compose_cfg, group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("vae", "local"):
         overrides.append("vae.pretrained=/some/dir")
+    if group == "data" and option.endswith("_latents"):
+        overrides += ["vae=sd_ema", "model=uvit_s2_t2i" if "coco" in option else "model=uvit_l2"]
     if group == "vae" and option != "none":
         overrides.append("model.patch_size=2")  # 256 px / 8 = 32 latents would need image_size 256
         overrides.append("data.image_size=256")
-    cfg = compose_cfg(overrides)
+    if group == "data" and option in EXTRACTION_SOURCES:
+        from .test_latents import compose_extract
+
+        cfg = compose_extract([*overrides, "out=/x"])  # a source composes with conf/extract.yaml
+    else:
+        cfg = compose_cfg(overrides)
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert container[group if group != "experiment" else "name"] is not None
 
@@ -105,3 +114,23 @@ def test_unknown_group_option_lists_the_choices():
     with pytest.raises(ConfigError, match=r"sampler=euler"):
         check_group_choices(["-m", "sampler=ddim,euler"], CONF_DIR)
     check_group_choices(["model=uvit_s2,uvit_tiny", "model.depth=3", "hydra/launcher=basic"], CONF_DIR)
+
+
+@pytest.mark.parametrize("option", ["clip_vit_l14", "local"])
+def test_extraction_config_composes_with_each_text_encoder(option):
+    from .test_latents import compose_extract
+
+    cfg = compose_extract(["data=coco_captions", f"text_encoder={option}", "out=/x", "resolution=512"])
+    assert cfg.data.resolution == 512 and cfg.text_encoder.max_length == 77
+    assert cfg.text_encoder._target_ == "latentdiff.text.FrozenCLIPTextEncoder"
+
+
+def test_latent_presets_shape_the_backbones(compose_cfg):
+    cfg = compose_cfg(["data=imagenet256_latents", "vae=sd_ema", "model=uvit_h2"])
+    assert (cfg.model.img_size, cfg.model.in_chans, cfg.model.num_classes) == (32, 4, 1001)
+    cfg = compose_cfg(["data=imagenet512_latents", "vae=sd_ema", "model=uvit_h4_512"])
+    assert cfg.model.img_size == 64
+    cfg = compose_cfg(["data=coco256_latents", "vae=sd_ema", "model=uvit_s2_t2i"])
+    assert (cfg.model.clip_dim, cfg.model.num_clip_token, cfg.data.num_classes) == (768, 77, 0)
+    cfg = compose_cfg(["data=coco256_latents", "vae=sd_ema", "model=unet_cond"])
+    assert cfg.model.cross_attention_dim == 768

@@ -61,6 +61,10 @@ class IdentityAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.scaling_factor
 
+    def describe(self) -> dict:
+        """Identity of the encoder (for a latent store's metadata; see `same_encoder`)."""
+        return {"kind": "identity", "channels": self.latent_channels, "scaling_factor": self.scaling_factor}
+
 
 class FrozenAutoencoderKL(nn.Module):
     """A frozen diffusers `AutoencoderKL` (e.g. `stabilityai/sd-vae-ft-ema`) that owns its scaling factor.
@@ -89,7 +93,9 @@ class FrozenAutoencoderKL(nn.Module):
         if dtype not in _DTYPES:
             raise ValueError(f"vae.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
         try:
-            vae = AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype])
+            vae = AutoencoderKL.from_pretrained(
+                pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype], low_cpu_mem_usage=False
+            )
         except (OSError, ValueError) as err:
             where = "local folder" if Path(pretrained).exists() else "hub id"
             raise FileNotFoundError(
@@ -98,6 +104,7 @@ class FrozenAutoencoderKL(nn.Module):
                 "(or `AutoencoderKL.from_pretrained(...).save_pretrained(<dir>)`) and set vae.pretrained=<dir>"
             ) from None
         self.vae = vae.eval().requires_grad_(False)
+        self.pretrained = str(pretrained)
         self.dtype = _DTYPES[dtype]
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
         self.latent_channels = vae.config.latent_channels
@@ -127,6 +134,38 @@ class FrozenAutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, H, W) pixels in about [-1, 1], fp32."""
         return self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+
+    def describe(self) -> dict:
+        """Identity of the encoder (for a latent store's metadata; see `same_encoder`).
+
+        Only the encoder and `quant_conv` make the stored moments, so they alone are probed: sd-vae-ft-ema and
+        sd-vae-ft-mse (same encoder, fine-tuned decoders) share stores. The probe is a few values of every
+        tensor, compared with a tolerance that survives loading in fp16 or bf16.
+        """
+        probe = []
+        named = [*self.vae.encoder.named_parameters("encoder"), *self.vae.quant_conv.named_parameters("quant_conv")]
+        for _, param in sorted(named, key=lambda item: item[0]):
+            flat = param.detach().float().flatten()
+            picks = torch.linspace(0, flat.numel() - 1, min(4, flat.numel())).long()
+            probe += [round(float(v), 6) for v in flat[picks]]
+        return {
+            "kind": "AutoencoderKL",
+            "pretrained": self.pretrained,
+            "scaling_factor": self.scaling_factor,
+            "latent_channels": self.latent_channels,
+            "downsample_factor": self.downsample_factor,
+            "encoder_probe": probe,
+        }
+
+
+def same_encoder(a: dict, b: dict) -> bool:
+    """Whether two `describe()` results name the same encoder (moments from one are valid for the other)."""
+    if a.get("kind") != b.get("kind"):
+        return False
+    if a["kind"] == "identity":
+        return a.get("channels") == b.get("channels")
+    pa, pb = torch.tensor(a.get("encoder_probe", [])), torch.tensor(b.get("encoder_probe", []))
+    return pa.shape == pb.shape and bool(torch.allclose(pa, pb, rtol=2e-2, atol=2e-3))
 
 
 def _check_declared(key: str, declared: int | None, actual: int, what: str) -> None:

@@ -63,9 +63,21 @@ class SampleGrid(L.Callback):
         )
         self.seed = seed
         self._last_step = -1
+        self.prompts: tuple[torch.Tensor, list[str]] | None = None  # text runs: (N, L, D) features, captions
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Text runs sample the datamodule's held-out captions (`prompts(n)`), the same ones at every step."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(pl_module, "null_text", None) is not None and hasattr(datamodule, "prompts"):
+            self.prompts = datamodule.prompts(self.num_samples)
 
     def _conditions(self, pl_module) -> tuple[torch.Tensor | None, int]:
-        """(B,) class ids laid out row by row, and the number of columns."""
+        """(B,) class ids laid out row by row, or (B, L, D) text features; and the number of columns."""
+        if getattr(pl_module, "null_text", None) is not None:
+            if self.prompts is None:
+                raise ValueError("a text-conditional sample grid needs prompts (a text datamodule's prompts(n))")
+            features = self.prompts[0]
+            return features, max(1, round(math.sqrt(len(features))))
         if pl_module.num_classes > 0:
             rows = min(pl_module.num_classes, self.max_classes)
             classes = torch.linspace(0, pl_module.num_classes - 1, rows).round().long()  # (rows,)
@@ -110,6 +122,8 @@ class SampleGrid(L.Callback):
             pl_module.train(was_training)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, self.dirpath / f"step_{step:07d}.png")
+        if self.prompts is not None:  # the captions of the grid, row by row
+            (self.dirpath / "prompts.txt").write_text("\n".join(self.prompts[1]) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/grid", grid, global_step=step)

@@ -11,6 +11,9 @@ from typing import Any
 
 from latentdiff.config import ConfigError, check_group_choices, register_resolvers
 
+# the repository's conf/ (the package is installed from the repository, editable)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
 # what Hydra itself writes into a new run directory before the task starts
 _HYDRA_FILES = {".hydra"}
 
@@ -23,11 +26,12 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def hydra_entry(run: Callable[[Any], Any], config_dir: Path, config_name: str) -> None:
+def hydra_entry(run: Callable[[Any], Any], config_dir: Path, config_name: str, cleanup_run_dir: bool = True) -> None:
     """Run `run(cfg)` under `@hydra.main`, with one-line errors for configuration mistakes.
 
     A `ConfigError` prints `error: <message>` on stderr, removes the run directory if nothing but Hydra's
-    start-up files are in it, and exits with status 2. Set LATENTDIFF_DEBUG=1 to get the traceback.
+    start-up files are in it (when `cleanup_run_dir`), and exits with status 2. Set LATENTDIFF_DEBUG=1 to get
+    the traceback.
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -48,7 +52,8 @@ def hydra_entry(run: Callable[[Any], Any], config_dir: Path, config_name: str) -
             if debug:
                 raise
             print(f"error: {err}", file=sys.stderr)
-            _remove_if_untouched(Path(HydraConfig.get().runtime.output_dir))
+            if cleanup_run_dir:
+                _remove_if_untouched(Path(HydraConfig.get().runtime.output_dir))
             sys.exit(2)
 
     main()

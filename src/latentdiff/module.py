@@ -104,6 +104,8 @@ class DiffusionModule(L.LightningModule):
         cond = batch.get("cond")
         if cond is not None and not cond.is_floating_point() and self.num_classes == 0:
             return None
+        if cond is not None and cond.is_floating_point():
+            cond = cond.float()  # text features are stored in fp16; autocast picks the compute dtype
         return cond
 
     def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.config import ConfigError, validate_train_config
@@ -98,8 +98,18 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
+        data_class = get_class(cfg.data._target_)
+        if not issubclass(data_class, L.LightningDataModule):
+            raise ConfigError(
+                f"data={data_class.__name__} is an extraction source, not training data; encode it with "
+                "`python -m latentdiff.extract data=... out=<store>` and train with data=latents data.root=<store>"
+            )
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
+        if hasattr(datamodule, "check_autoencoder"):
+            datamodule.check_autoencoder(module.autoencoder)
+        if getattr(datamodule, "empty_text", None) is not None:
+            module.null_text = datamodule.empty_text  # (L, D): the null condition of text runs
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

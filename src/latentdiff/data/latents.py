@@ -1,0 +1,217 @@
+"""Datamodule over a latent store: memory-mapped shards, a random flip and caption per item each step.
+
+A batch is `{"moments": (B, 2C, h, w) fp16, "cond": (B,) int64 class ids | (B, L, D) fp16 text features,
+"index": (B,) int64}`; the module draws z = scale * (mean + std * eps) from the moments (a fresh posterior
+sample every step, as official U-ViT does). Items are read a whole batch at a time (`__getitems__`): one
+sorted fancy-indexing copy per shard instead of B Python calls.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from latentdiff.autoencoder import same_encoder
+from latentdiff.data.store import LatentStore
+
+
+def _batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """collate_fn for datasets with `__getitems__`: the batch is already collated."""
+    return batch
+
+
+class LatentDataset(Dataset):
+    """Items `indices` of a store.
+
+    Args:
+        store: the opened store.
+        indices: global item indices this dataset serves.
+        random_views: draw the flip and the caption at random (training); else image 0 and caption 0.
+        labels: return class ids as `cond` (class-conditional runs).
+        text: return text features as `cond` (text-to-image runs).
+    """
+
+    def __init__(
+        self, store: LatentStore, indices: np.ndarray, random_views: bool, labels: bool, text: bool, flip: bool = True
+    ):
+        self.store, self.indices = store, np.asarray(indices, dtype=np.int64)
+        self.random_views, self.labels, self.text = random_views, labels, text
+        self.views = store.meta["views"] if flip else 1  # view 0: the image, 1: its horizontal flip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([item]).items()}
+
+    def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        index = self.indices[np.asarray(items, dtype=np.int64)]  # (B,)
+        shard, local = self.store.locate(index)
+        b = len(index)
+        # torch's RNG: seeded per loader worker by torch (numpy's would repeat across forked workers)
+        view = torch.randint(0, self.views, (b,)).numpy() if self.random_views else np.zeros(b, dtype=np.int64)
+        first = self.store.shards[0]
+        moments = np.empty((b, *first.moments.shape[2:]), dtype=first.moments.dtype)  # (B, 2C, h, w)
+        labels = np.empty(b, dtype=np.int64) if self.labels else None
+        text = np.empty((b, *first.text.shape[1:]), dtype=first.text.dtype) if self.text else None
+        for s in np.unique(shard):
+            rows = np.nonzero(shard == s)[0]
+            rows = rows[np.argsort(local[rows], kind="stable")]  # ascending reads from the memory map
+            arrays, loc = self.store.shards[s], local[rows]
+            moments[rows] = arrays.moments[loc, view[rows]]
+            if labels is not None:
+                labels[rows] = arrays.labels[loc]
+            if text is not None:
+                start, stop = arrays.text_offsets[loc], arrays.text_offsets[loc + 1]
+                draw = torch.rand(len(rows)).numpy() if self.random_views else np.zeros(len(rows))
+                pick = start + np.floor(draw * (stop - start)).astype(np.int64)  # one caption of each image
+                text[rows] = arrays.text[pick]
+        batch = {"moments": torch.from_numpy(moments), "index": torch.from_numpy(index)}
+        if labels is not None:
+            batch["cond"] = torch.from_numpy(labels)
+        if text is not None:
+            batch["cond"] = torch.from_numpy(text)
+        return batch
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Training data from a latent store made by `python -m latentdiff.extract`.
+
+    The store is opened and checked when the datamodule is built, before any work: its resolution, latent
+    shape, classes and text features must match the run, and `check_autoencoder` compares its encoder and
+    scaling factor with the run's VAE.
+
+    Args:
+        root: the store folder.
+        image_size: resolution the run expects the store to have (pixels).
+        num_classes: classes of a class-conditional run (the store's count); 0 for unconditional or text runs.
+        text: a text-to-image run (the store must hold text features).
+        batch_size: per-device batch size.
+        num_workers: loader processes (0: in the main process).
+        in_memory: read the shards into RAM instead of memory-mapping them.
+        random_flip: use the stored horizontal flip with probability 1/2.
+        pin_memory: page-locked batches for fast, non-blocking copies to the GPU.
+        val_root: a separate store for the held-out loss (e.g. ImageNet val); default: the training store.
+        num_val: items of the held-out loss (the first ones, no flip, first caption).
+        latent_size, latent_channels, channels, text_dim, text_len: the shape facts the backbone reads.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        num_classes: int = 0,
+        text: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 4,
+        in_memory: bool = False,
+        random_flip: bool = True,
+        pin_memory: bool = True,
+        val_root: str | None = None,
+        num_val: int = 1024,
+        latent_size: int | None = None,
+        latent_channels: int | None = None,
+        channels: int = 3,
+        text_dim: int | None = None,
+        text_len: int | None = None,
+    ):
+        super().__init__()
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.num_classes, self.text, self.random_flip, self.num_val = int(num_classes), bool(text), random_flip, num_val
+        self.store = LatentStore(root, in_memory=in_memory, key="data.root")
+        self.val_store = self.store if val_root is None else LatentStore(val_root, in_memory, key="data.val_root")
+        for key, store in (("data.root", self.store), ("data.val_root", self.val_store)):
+            self._check_store(key, store, image_size, latent_size, latent_channels, text_dim, text_len)
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        if self.batch_size > len(self.store):
+            raise ValueError(f"data.batch_size={batch_size} exceeds the {len(self.store)} items of data.root={root}")
+
+    def _check_store(self, key, store, image_size, latent_size, latent_channels, text_dim, text_len) -> None:
+        meta, where = store.meta, f"{key}={store.root}"
+        if meta["resolution"] != image_size:
+            raise ValueError(
+                f"{where} holds {meta['resolution']}px latents but data.image_size={image_size}; "
+                f"set data.image_size={meta['resolution']} or extract at {image_size}"
+            )
+        c, h, w = meta["latent_shape"]
+        if latent_channels is not None and latent_size is not None and (c, h) != (latent_channels, latent_size):
+            raise ValueError(
+                f"{where} holds {c}x{h}x{w} latents but the run expects "
+                f"{latent_channels}x{latent_size}x{latent_size} (vae and data.image_size)"
+            )
+        if self.num_classes > 0:
+            if not meta.get("num_classes"):
+                raise ValueError(f"{where} has no class labels but data.num_classes={self.num_classes}; use 0")
+            if meta["num_classes"] != self.num_classes:
+                raise ValueError(
+                    f"{where} has {meta['num_classes']} classes but data.num_classes={self.num_classes}; "
+                    f"set data.num_classes={meta['num_classes']}"
+                )
+        if self.text:
+            if not meta.get("text"):
+                raise ValueError(f"{where} holds no text features but data.text=true; extract it with a text_encoder")
+            dim, length = meta["text"]["dim"], meta["text"]["max_length"]
+            if (text_dim, text_len) != (dim, length) and text_dim is not None:
+                raise ValueError(
+                    f"{where} holds {length}x{dim} text features but data.text_len/text_dim are "
+                    f"{text_len}x{text_dim}; set them to {length} and {dim}"
+                )
+
+    def check_autoencoder(self, autoencoder) -> None:
+        """Refuse a store whose moments come from another encoder or another scaling factor than the run's."""
+        run, made = autoencoder.describe(), self.store.meta["vae"]
+        if not same_encoder(made, run):
+            raise ValueError(
+                f"data.root={self.store.root} was made with another VAE encoder "
+                f"({made.get('pretrained', made['kind'])}) than the run's ({run.get('pretrained', run['kind'])}); "
+                "use the VAE of the store or extract again"
+            )
+        if abs(made["scaling_factor"] - run["scaling_factor"]) > 1e-6:
+            raise ValueError(
+                f"data.root={self.store.root} was made for scaling factor {made['scaling_factor']} but "
+                f"the run's VAE uses {run['scaling_factor']}; set vae.scaling_factor={made['scaling_factor']}"
+            )
+
+    @property
+    def empty_text(self) -> torch.Tensor | None:
+        """(L, D) features of the empty prompt (the null condition of text runs), or None."""
+        e = self.store.empty_text
+        return None if e is None or not self.text else torch.from_numpy(np.asarray(e, dtype=np.float32))
+
+    def prompts(self, count: int) -> tuple[torch.Tensor, list[str]]:
+        """The first caption of the first `count` held-out items: (count, L, D) fp32 features and the captions."""
+        count = min(count, len(self.val_store))
+        dataset = LatentDataset(self.val_store, np.arange(count), False, labels=False, text=True)
+        features = dataset.__getitems__(list(range(count)))["cond"].float()
+        return features, [self.val_store.captions(i)[0] for i in range(count)]
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_batched,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = LatentDataset(
+            self.store,
+            np.arange(len(self.store)),
+            True,
+            labels=self.num_classes > 0,
+            text=self.text,
+            flip=self.random_flip,
+        )
+        return self._loader(dataset, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        count = min(self.num_val, len(self.val_store))
+        dataset = LatentDataset(self.val_store, np.arange(count), False, labels=self.num_classes > 0, text=self.text)
+        return self._loader(dataset, shuffle=False, drop_last=False)

@@ -1,0 +1,189 @@
+"""The latent store: VAE moments (and text features) in shards of contiguous `.npy` arrays.
+
+Layout of a store folder (written by `latentdiff.extract`, read by `LatentDataModule`):
+
+    plan.json                  what is being extracted (written first; a resumed run must match it)
+    store.json                 metadata of the complete store (written last: its presence means complete)
+    empty_text.npy             (L, D) fp16 features of the empty prompt (text stores only, for CFG)
+    shards/shard-00000/
+        moments.npy            (n, F, 2C, h, w) fp16: posterior mean ++ log-variance; F = 2: image, h-flip
+        labels.npy             (n,) int64 class ids (class-conditional stores)
+        text.npy               (m, L, D) fp16: features of every caption of the shard's images
+        text_offsets.npy       (n + 1,) int64: captions of image i are text[offsets[i]:offsets[i + 1]]
+        captions.json          the caption strings, per image (text stores)
+        index.json             count, source indices, skipped files, array shapes (checked on load)
+
+Why `.npy` and not one file per image (official U-ViT, fast-DiT) or safetensors: `np.load(mmap_mode="r")`
+maps a shard without reading it, a batch is one fancy-indexing copy out of the page cache, and the header
+gives the shape to check a truncated file against; safetensors maps too but slices tensor by tensor.
+A shard folder is written under a temporary name and renamed when every file is on disk, so a crash never
+leaves a shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "latentdiff-latents"
+VERSION = 1
+_ARRAYS = ("moments", "labels", "text", "text_offsets")
+
+
+class StoreError(ValueError):
+    """A latent store that cannot be used as asked (missing, incomplete, truncated or made differently)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to `path` through a temporary file and a rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(root: Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Path:
+    """Write one shard folder atomically: into `.tmp-shard-XXXXX-<pid>/`, then rename.
+
+    Args:
+        root: the store folder.
+        index: shard number.
+        arrays: `moments` and optionally `labels`, `text`, `text_offsets` (see the module docstring).
+        info: extra JSON facts (count, source indices, skipped files, captions).
+    """
+    shards = root / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    final = shards / shard_name(index)
+    tmp = shards / f".tmp-{shard_name(index)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    shapes = {}
+    for key, value in arrays.items():
+        with open(tmp / f"{key}.npy", "wb") as f:
+            np.save(f, np.ascontiguousarray(value))
+            f.flush()
+            os.fsync(f.fileno())
+        shapes[key] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+    captions = info.pop("captions", None)
+    if captions is not None:
+        with open(tmp / "captions.json", "w") as f:
+            json.dump(captions, f)
+    with open(tmp / "index.json", "w") as f:
+        json.dump({**info, "arrays": shapes}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # an invalid leftover (checked by the caller): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def check_shard(path: Path) -> dict[str, Any]:
+    """Read a shard's index and check that each array file holds the shape it declares.
+
+    Returns:
+        The shard's index.json.
+
+    Raises:
+        StoreError: a missing or truncated file, or an array whose header disagrees with the index.
+    """
+    try:
+        info = json.loads((path / "index.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path}: unreadable index.json ({err.__class__.__name__})") from None
+    for key, spec in info.get("arrays", {}).items():
+        file = path / f"{key}.npy"
+        try:
+            array = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{file} is truncated or unreadable ({str(err).splitlines()[0]})") from None
+        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+            raise StoreError(f"{file} holds {array.dtype}{list(array.shape)}, its index says {spec}")
+    return info
+
+
+@dataclass
+class Shard:
+    """One shard's arrays (memory-mapped or in RAM)."""
+
+    moments: np.ndarray  # (n, F, 2C, h, w) fp16
+    labels: np.ndarray | None  # (n,) int64
+    text: np.ndarray | None  # (m, L, D) fp16
+    text_offsets: np.ndarray | None  # (n + 1,) int64
+    count: int
+
+
+class LatentStore:
+    """A complete latent store opened for reading: metadata, shards and a global index.
+
+    Args:
+        root: the store folder (holding store.json).
+        in_memory: read every shard into RAM instead of memory-mapping it.
+        key: the config key named in errors (e.g. "data.root").
+    """
+
+    def __init__(self, root: str | Path, in_memory: bool = False, key: str = "data.root"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"{key}={root} does not exist; extract a store with `python -m latentdiff.extract`")
+        meta_file = self.root / "store.json"
+        if not meta_file.is_file():
+            detail = "an extraction is incomplete there; resume it" if (self.root / "plan.json").exists() else ""
+            raise StoreError(
+                f"{key}={root} is not a complete latent store (no store.json)"
+                + (f": {detail}" if detail else "; extract one with `python -m latentdiff.extract`")
+            )
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise StoreError(f"{key}={root}: store.json is not a {FORMAT} store")
+        self.shards: list[Shard] = []
+        for i in range(self.meta["num_shards"]):
+            path = self.root / "shards" / shard_name(i)
+            if not path.is_dir():
+                raise StoreError(f"{key}={root}: shard {shard_name(i)} is missing; re-run the extraction to repair it")
+            try:
+                info = check_shard(path)
+            except StoreError as err:
+                raise StoreError(f"{key}={root}: {err}; re-run the extraction to repair the store") from None
+            arrays = {k: _load(path / f"{k}.npy", in_memory) for k in _ARRAYS if (path / f"{k}.npy").exists()}
+            self.shards.append(Shard(count=info["count"], **{k: arrays.get(k) for k in _ARRAYS}))
+        counts = np.array([s.count for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global index -> shard by searchsorted
+        if int(self.offsets[-1]) != self.meta["count"]:
+            raise StoreError(
+                f"{key}={root}: shards hold {int(self.offsets[-1])} items, store.json says {self.meta['count']}"
+            )
+        self.empty_text = None
+        if self.meta.get("text"):
+            self.empty_text = np.load(self.root / "empty_text.npy")  # (L, D) fp16
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def captions(self, index: int) -> list[str]:
+        """All captions of item `index` (text stores)."""
+        shard, local = self.locate(np.asarray([index]))
+        path = self.root / "shards" / shard_name(int(shard[0])) / "captions.json"
+        return json.loads(path.read_text())[int(local[0])]
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global item indices -> (shard numbers, indices within the shard)."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        return shard, indices - self.offsets[shard]
+
+
+def _load(path: Path, in_memory: bool) -> np.ndarray:
+    return np.load(path) if in_memory else np.load(path, mmap_mode="r")

@@ -1,0 +1,293 @@
+"""Encode an image source once into a latent store: `python -m latentdiff.extract data=... out=...`.
+
+    python -m latentdiff.extract data=imagenet_folder data.root=/data/imagenet/train resolution=256 \
+        vae=sd_ema out=/data/in256_latents
+    python -m latentdiff.extract data=coco_captions data.images=/data/coco/train2014 \
+        data.annotations=/data/coco/annotations/captions_train2014.json text_encoder=clip_vit_l14 out=/data/coco256
+
+Each shard (`shard_size` consecutive source items) is encoded and written atomically; a re-run with the
+same arguments skips complete shards (resume), and refuses a folder that holds another extraction. Under
+torchrun / SLURM with several processes, shard k goes to rank k mod world size; the last rank to finish
+writes `store.json`. See `latentdiff.data.store` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from latentdiff.config import ConfigError
+from latentdiff.data.store import (
+    FORMAT,
+    VERSION,
+    StoreError,
+    check_shard,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
+from latentdiff.training import user_errors
+from latentdiff.utils import framework_versions
+
+log = logging.getLogger(__name__)
+_SKIPPED_LISTED = 20  # unreadable files named in store.json (all are in the shards' index.json)
+
+
+def _items(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """collate_fn: keep the list of source items (images may be None when unreadable)."""
+    return batch
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+    return 0, 1, 0
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def _prepare_out(out: Path, plan: dict[str, Any]) -> bool:
+    """Create the store folder or check that it holds this same extraction. Returns True if already complete."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} exists and is not a folder")
+    plan_file = out / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        if diff:
+            raise ConfigError(
+                f"out={out} holds another extraction (differs in {', '.join(diff)}); choose a new out= folder"
+            )
+        return (out / "store.json").exists()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} is not empty and is not a latent store; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_file, plan)
+    return False
+
+
+def _shard_complete(out: Path, index: int) -> bool:
+    path = out / "shards" / shard_name(index)
+    if not path.is_dir():
+        return False
+    try:
+        check_shard(path)
+    except StoreError as err:
+        log.warning("shard %s is damaged (%s); extracting it again", shard_name(index), err)
+        return False
+    return True
+
+
+@torch.no_grad()
+def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, bar) -> tuple[dict, dict]:
+    """Encode source items -> (arrays, info) of one shard."""
+    loader = DataLoader(
+        Subset(source, list(items)),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_items,
+    )
+    views = 2 if cfg.flip else 1
+    moments, labels, sources, skipped = [], [], [], []
+    text, offsets, captions = [], [0], []
+    for batch in loader:
+        good = [it for it in batch if it["image"] is not None]
+        skipped += [[it["path"], it["error"]] for it in batch if it["image"] is None]
+        if good:
+            x = torch.from_numpy(np.stack([it["image"] for it in good])).to(device)  # (b, H, W, 3) uint8
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
+            if views == 2:
+                x = torch.cat([x, x.flip(-1)])  # (2b, 3, H, W): images, then their mirror images
+            m = autoencoder.encode_moments(x).to(torch.float16)  # (Fb, 2C, h, w)
+            m = m.view(views, len(good), *m.shape[1:]).transpose(0, 1)  # (b, F, 2C, h, w)
+            moments.append(m.cpu().numpy())
+            labels += [it["label"] for it in good]
+            sources += [it["index"] for it in good]
+            if text_encoder is not None:
+                caps = [it["captions"] for it in good]
+                flat = [c for cs in caps for c in cs]
+                for start in range(0, len(flat), cfg.text_batch_size):
+                    feats = text_encoder(flat[start : start + cfg.text_batch_size])  # (k, L, D)
+                    text.append(feats.to(torch.float16).cpu().numpy())
+                offsets += list(offsets[-1] + np.cumsum([len(cs) for cs in caps]))
+                captions += caps
+        bar.update(len(batch))
+    count = len(sources)
+    if moments:
+        arrays = {"moments": np.concatenate(moments)}
+    else:  # every file of the shard was unreadable: an empty shard of the right shape
+        c, f = autoencoder.latent_channels, autoencoder.downsample_factor
+        arrays = {"moments": np.zeros((0, views, 2 * c, source.resolution // f, source.resolution // f), np.float16)}
+    info: dict[str, Any] = {"count": count, "source_indices": sources, "skipped": skipped}
+    if text_encoder is None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    else:
+        d = text_encoder.dim
+        arrays["text"] = np.concatenate(text) if text else np.zeros((0, text_encoder.max_length, d), np.float16)
+        arrays["text_offsets"] = np.asarray(offsets, dtype=np.int64)
+        info["ids"] = labels
+        info["captions"] = captions
+    return arrays, info
+
+
+def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, text_encoder, resolution: int) -> dict:
+    """Write empty_text.npy and store.json once every shard is complete; remove what crashed writes left."""
+    for leftover in [*(out / "shards").glob(".tmp-*"), *out.glob(".*.tmp-*")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    infos = [check_shard(out / "shards" / shard_name(k)) for k in range(num_shards)]
+    skipped = [s for info in infos for s in info["skipped"]]
+    shape = next(info["arrays"]["moments"]["shape"] for info in infos)
+    f = autoencoder.downsample_factor
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": sum(info["count"] for info in infos),
+        "num_shards": num_shards,
+        "shard_size": plan["shard_size"],
+        "resolution": resolution,
+        "latent_shape": [autoencoder.latent_channels, resolution // f, resolution // f],
+        "moments_shape": shape[1:],
+        "moments_dtype": "float16",
+        "views": plan["views"],
+        "vae": plan["vae"],
+        "num_classes": len(plan["source"]["classes"]) if plan["source"].get("classes") else 0,
+        "classes": plan["source"].get("classes"),
+        "text": plan["text"],
+        "num_captions": sum(info["arrays"]["text"]["shape"][0] for info in infos) if text_encoder else 0,
+        "source": {k: v for k, v in plan["source"].items() if k != "classes"},
+        "skipped": {"count": len(skipped), "first": skipped[:_SKIPPED_LISTED]},
+        "versions": framework_versions(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if text_encoder is not None:
+        empty = text_encoder([""])[0].to(torch.float16).cpu().numpy()  # (L, D): the null condition for CFG
+        tmp = out / f".empty_text.tmp-{os.getpid()}.npy"
+        np.save(tmp, empty)
+        os.replace(tmp, out / "empty_text.npy")
+    write_json_atomic(out / "store.json", meta)
+    return meta
+
+
+def run_extraction(cfg: DictConfig) -> dict[str, Any]:
+    """Encode `cfg.data` (an image source) with `cfg.vae` (and `cfg.text_encoder`) into the store `cfg.out`.
+
+    Returns:
+        The store's metadata (store.json) when this process completed it, else a summary of this rank's work.
+    """
+    rank, world, local_rank = dist_env()
+    with user_errors():
+        if not cfg.get("out"):
+            raise ConfigError("out=??? is missing; set out=<folder of the new latent store>")
+        for key in ("shard_size", "batch_size", "text_batch_size"):
+            if int(cfg[key]) < 1:
+                raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+        if int(cfg.num_workers) < 0:
+            raise ConfigError(f"num_workers={cfg.num_workers} must be >= 0")
+        source = instantiate(cfg.data)
+        if not hasattr(source, "describe"):
+            raise ConfigError(
+                f"data={cfg.data._target_} is not an image source; use data=imagenet_folder or coco_captions"
+            )
+        device = _device(str(cfg.device), local_rank)
+        autoencoder = instantiate(cfg.vae).to(device)
+        text_encoder = instantiate(cfg.text_encoder).to(device) if cfg.get("text_encoder") else None
+        if source.kind == "coco_captions" and text_encoder is None:
+            raise ConfigError(
+                "data=coco_captions needs text features: add text_encoder=clip_vit_l14 "
+                "(or text_encoder=local text_encoder.pretrained=<dir>)"
+            )
+        if source.kind != "coco_captions" and text_encoder is not None:
+            raise ConfigError(f"text_encoder={cfg.text_encoder._target_} needs captions; data={source.kind} has none")
+        if source.resolution % autoencoder.downsample_factor:
+            raise ConfigError(
+                f"resolution={source.resolution} is not a multiple of the VAE's downsampling "
+                f"factor {autoencoder.downsample_factor}"
+            )
+        out = Path(cfg.out)
+        plan = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": source.describe(),
+            "vae": autoencoder.describe(),
+            "text": text_encoder.fingerprint() if text_encoder is not None else None,
+            "shard_size": int(cfg.shard_size),
+            "views": 2 if cfg.flip else 1,
+        }
+        complete = _prepare_out(out, plan)
+
+    num_shards = math.ceil(len(source) / cfg.shard_size)
+    if complete:
+        if all(_shard_complete(out, k) for k in range(num_shards)):
+            log.info("%s is already a complete store; nothing to do", out)
+            return json.loads((out / "store.json").read_text())
+        if rank == 0:  # damaged shards: the store is incomplete until they are encoded again
+            (out / "store.json").unlink(missing_ok=True)
+    mine = [k for k in range(num_shards) if k % world == rank]
+    todo = [k for k in mine if not _shard_complete(out, k)]
+    total = sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(source)))) for k in todo)
+    log.info(
+        "rank %d/%d: %d of %d shards to encode (%d images) on %s", rank, world, len(todo), len(mine), total, device
+    )
+    start = time.perf_counter()
+    with tqdm(total=total, desc=f"extract rank {rank}", unit="img", disable=rank != 0 or None) as bar:
+        for k in todo:
+            items = range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(source)))
+            arrays, info = _encode_shard(source, items, autoencoder, text_encoder, cfg, device, bar)
+            if info["skipped"]:
+                log.warning(
+                    "%s: %d unreadable files skipped, first %s", shard_name(k), len(info["skipped"]), info["skipped"][0]
+                )
+            write_shard(out, k, arrays, info)
+    seconds = time.perf_counter() - start
+    summary = {
+        "rank": rank,
+        "shards": len(todo),
+        "images": total,
+        "seconds": seconds,
+        "images_per_s": total / seconds if seconds > 0 and total else 0.0,
+    }
+    if all(_shard_complete(out, k) for k in range(num_shards)):
+        meta = _finalize(out, plan, num_shards, autoencoder, text_encoder, source.resolution)
+        if meta["skipped"]["count"]:
+            first = meta["skipped"]["first"][0]
+            log.warning(
+                "%d unreadable files were skipped (first: %s: %s); all are listed in the shards' index.json",
+                meta["skipped"]["count"],
+                first[0],
+                first[1],
+            )
+        log.info("store %s complete: %d items in %d shards", out, meta["count"], num_shards)
+        return {**meta, "extraction": summary}
+    log.info("rank %d done; the last rank to finish writes store.json", rank)
+    return summary
+
+
+def main() -> None:
+    from latentdiff.cli import CONF_DIR, hydra_entry
+
+    hydra_entry(run_extraction, CONF_DIR, "extract", cleanup_run_dir=False)
+
+
+if __name__ == "__main__":
+    main()
