@@ -142,6 +142,20 @@ def test_extraction_resumes_after_a_crash(art, tmp_path, monkeypatch):
         run_extraction(compose_extract([*art["image_args"], f"out={out}", "shard_size=7"]))
 
 
+def test_two_ranks_split_the_shards_and_the_last_one_completes_the_store(art, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    summary = run_extraction(compose_extract([*art["image_args"], f"out={out}"]))
+    assert summary["shards"] == 2 and not (out / "store.json").exists()  # shards 1 and 3
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00001", "shard-00003"]
+    monkeypatch.setenv("RANK", "0")
+    meta = run_extraction(compose_extract([*art["image_args"], f"out={out}"]))
+    assert meta["count"] == 18 and meta["extraction"]["shards"] == 2
+    for a, b in zip(LatentStore(out).shards, LatentStore(art["store"]).shards):
+        assert np.array_equal(a.moments, b.moments)
+
+
 def test_coco_store_keeps_every_caption_and_the_empty_prompt(art):
     meta = art["coco_meta"]
     assert meta["count"] == 10 and meta["num_captions"] == sum(1 + i % 3 for i in range(10))
