@@ -74,7 +74,13 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> bool:
     plan_file = out / "plan.json"
     if plan_file.exists():
         old = json.loads(plan_file.read_text())
-        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        diff = []  # the differing keys, one level deep (e.g. source.resolution)
+        for key in sorted(set(old) | set(plan)):
+            a, b = old.get(key), plan.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diff.append(key)
         if diff:
             raise ConfigError(
                 f"out={out} holds another extraction (differs in {', '.join(diff)}); choose a new out= folder"
