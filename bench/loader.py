@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+from artefacts import TINY_VAE_FACTOR, make_tiny_vae  # noqa: E402  (tests/ holds the tiny artefacts)
+
+
 def synthetic_store(root: Path, items: int, shard_size: int = 4096) -> Path:
     """A store of random fp16 moments written with the real shard writer, plus its store.json."""
     from latentdiff.data.store import FORMAT, VERSION, write_json_atomic, write_shard
@@ -75,8 +78,23 @@ def bench_loader(store: Path, batch: int, workers: int, in_memory: bool) -> floa
     return seen / (time.perf_counter() - start)
 
 
-def bench_extraction(tmp: Path, resolution: int, vae_config: dict, count: int) -> float:
+def sd_vae_architecture(path: Path) -> Path:
+    """An AutoencoderKL with the architecture of stabilityai/sd-vae-ft-ema (83.7M parameters), random weights."""
     from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    blocks = ("DownEncoderBlock2D",) * 4
+    AutoencoderKL(
+        down_block_types=blocks,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+    ).save_pretrained(path)
+    return path
+
+
+def bench_extraction(tmp: Path, resolution: int, make_vae, factor: int, count: int) -> float:
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
@@ -84,16 +102,13 @@ def bench_extraction(tmp: Path, resolution: int, vae_config: dict, count: int) -
     from latentdiff.extract import run_extraction
 
     register_resolvers()
-    torch.manual_seed(0)
-    vae_dir = tmp / f"vae_{resolution}"
-    AutoencoderKL(**vae_config).save_pretrained(vae_dir)
+    vae_dir = make_vae(tmp / f"vae_{resolution}")
     folder = tmp / f"images_{resolution}" / "n00000001"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     side = int(resolution * 1.5)
     for i in range(count):  # JPEGs larger than the crop, like ImageNet's ~400x350
         Image.fromarray(rng.integers(0, 256, (side, int(side * 1.3), 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     overrides = [
         f"data.root={folder.parent}",
         f"resolution={resolution}",
@@ -108,25 +123,6 @@ def bench_extraction(tmp: Path, resolution: int, vae_config: dict, count: int) -
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="extract", overrides=overrides)
     return run_extraction(cfg)["extraction"]["images_per_s"]
-
-
-SD_VAE = dict(  # the architecture of stabilityai/sd-vae-ft-ema (83.7M parameters)
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=256,
-)
-TINY_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(8, 16, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=32,
-)
 
 
 def main() -> None:
@@ -155,14 +151,14 @@ def main() -> None:
             {
                 "what": "extraction, SD-VAE architecture, 256 px (+ flip)",
                 "unit": "images/s",
-                "value": bench_extraction(tmp, 256, SD_VAE, args.sd_images),
+                "value": bench_extraction(tmp, 256, sd_vae_architecture, 8, args.sd_images),
             }
         )
         rows.append(
             {
                 "what": "extraction, tiny VAE, 32 px (+ flip): pipeline overhead",
                 "unit": "images/s",
-                "value": bench_extraction(tmp, 32, TINY_VAE, 512),
+                "value": bench_extraction(tmp, 32, make_tiny_vae, TINY_VAE_FACTOR, 512),
             }
         )
     size = 2 * 8 * 32 * 32 * 2 + 8  # moments of image + flip in fp16, and the label

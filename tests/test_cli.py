@@ -12,17 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+def _run(tmp_path: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0", **env_extra}
     env.pop("LATENTDIFF_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return _run(tmp_path, [str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args])
 
 
 @pytest.mark.parametrize(
@@ -59,16 +56,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def _extract(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    env.pop("LATENTDIFF_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "latentdiff.extract", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return _run(tmp_path, ["-m", "latentdiff.extract", *args], HF_HUB_OFFLINE="1")
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ state dict).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
+
+from latentdiff.utils import artefact_not_loaded
 
 _DTYPES = {
     "float32": torch.float32,
@@ -97,12 +97,8 @@ class FrozenAutoencoderKL(nn.Module):
                 pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype], low_cpu_mem_usage=False
             )
         except (OSError, ValueError) as err:
-            where = "local folder" if Path(pretrained).exists() else "hub id"
-            raise FileNotFoundError(
-                f"vae.pretrained={pretrained!r} ({where}) could not be loaded: {str(err).splitlines()[0]} "
-                f"-- on a machine with internet run `huggingface-cli download {pretrained} --local-dir <dir>` "
-                "(or `AutoencoderKL.from_pretrained(...).save_pretrained(<dir>)`) and set vae.pretrained=<dir>"
-            ) from None
+            alternative = "or `AutoencoderKL.from_pretrained(...).save_pretrained(<dir>)`"
+            raise artefact_not_loaded("vae.pretrained", pretrained, err, alternative) from None
         self.vae = vae.eval().requires_grad_(False)
         self.pretrained = str(pretrained)
         self.dtype = _DTYPES[dtype]

@@ -6,12 +6,11 @@ what official U-ViT (and Stable Diffusion 1.x) condition on.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from latentdiff.autoencoder import _DTYPES
+from latentdiff.utils import artefact_not_loaded
 
 
 class FrozenCLIPTextEncoder(nn.Module):
@@ -43,12 +42,7 @@ class FrozenCLIPTextEncoder(nn.Module):
             self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer, subfolder=tokenizer_subfolder or "")
             model = CLIPTextModel.from_pretrained(pretrained, subfolder=subfolder or "", dtype=_DTYPES[dtype])
         except (OSError, ValueError) as err:
-            where = "local folder" if Path(pretrained).exists() else "hub id"
-            raise FileNotFoundError(
-                f"text_encoder.pretrained={pretrained!r} ({where}) could not be loaded: {str(err).splitlines()[0]} "
-                f"-- on a machine with internet run `huggingface-cli download {pretrained} --local-dir <dir>` "
-                "and set text_encoder.pretrained=<dir>"
-            ) from None
+            raise artefact_not_loaded("text_encoder.pretrained", pretrained, err) from None
         self.model = model.eval().requires_grad_(False)
         self.max_length = int(max_length)
         if self.max_length > model.config.max_position_embeddings:

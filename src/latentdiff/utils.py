@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+from pathlib import Path
 
 _PACKAGES = ("latentdiff", "torch", "lightning", "diffusers", "hydra-core", "torch-fidelity", "torchvision")
 
@@ -17,3 +18,21 @@ def framework_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def artefact_not_loaded(key: str, pretrained: str, err: Exception, alternative: str = "") -> FileNotFoundError:
+    """The one-line error for a hub id or folder that could not be loaded (offline, or a wrong path).
+
+    Args:
+        key: the config key that names the artefact (e.g. "vae.pretrained").
+        pretrained: its value.
+        err: the loader's exception (its first line is quoted).
+        alternative: another way to make the folder, quoted in parentheses.
+    """
+    where = "local folder" if Path(pretrained).exists() else "hub id"
+    first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+    extra = f" ({alternative})" if alternative else ""
+    return FileNotFoundError(
+        f"{key}={pretrained!r} ({where}) could not be loaded: {first} -- on a machine with internet run "
+        f"`huggingface-cli download {pretrained} --local-dir <dir>`{extra} and set {key}=<dir>"
+    )
