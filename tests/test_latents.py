@@ -211,6 +211,18 @@ def test_datamodule_batches_are_stored_views_with_random_flips(art):
     assert torch.equal(first, torch.from_numpy(np.asarray(store.shards[0].moments[:3, 0])))  # no flip held out
 
 
+def test_pickled_store_maps_its_files_again_instead_of_copying_them(art):
+    import pickle
+
+    store = LatentStore(art["store"])
+    payload = pickle.dumps(store)
+    assert len(payload) < 20_000  # the moments alone are 18 x 2 KiB: the arrays were not pickled
+    clone = pickle.loads(payload)
+    assert isinstance(clone.shards[1].moments, np.memmap)
+    assert np.array_equal(clone.shards[1].moments, store.shards[1].moments)
+    assert np.array_equal(clone.shards[1].labels, store.shards[1].labels)
+
+
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [

@@ -136,7 +136,7 @@ class LatentStore:
     """
 
     def __init__(self, root: str | Path, in_memory: bool = False, key: str = "data.root"):
-        self.root = Path(root)
+        self.root, self.in_memory = Path(root), bool(in_memory)
         if not self.root.is_dir():
             raise StoreError(f"{key}={root} does not exist; extract a store with `python -m latentdiff.extract`")
         meta_file = self.root / "store.json"
@@ -172,6 +172,23 @@ class LatentStore:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # loader workers started by spawn/forkserver get the dataset pickled: a memory map would be pickled
+        # as a full copy of the data, so send the file names and map them again in the worker
+        state = dict(self.__dict__)
+        if not self.in_memory:
+            state["shards"] = [Shard(None, None, None, None, s.count) for s in self.shards]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if not self.in_memory:
+            for i, shard in enumerate(self.shards):
+                path = self.root / "shards" / shard_name(i)
+                for k in _ARRAYS:
+                    if (path / f"{k}.npy").exists():
+                        setattr(shard, k, _load(path / f"{k}.npy", in_memory=False))
 
     def captions(self, index: int) -> list[str]:
         """All captions of item `index` (text stores)."""
