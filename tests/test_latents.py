@@ -208,7 +208,7 @@ def test_datamodule_batches_are_stored_views_with_random_flips(art):
         ram.store.shards[0].moments, np.memmap
     )
     first = ram.val_dataloader().dataset.__getitems__([0, 1, 2])["moments"]
-    assert torch.equal(first, torch.from_numpy(np.asarray(store.shards[0].moments[:3, 0])))  # no flip held out
+    assert torch.equal(first, torch.from_numpy(np.array(store.shards[0].moments[:3, 0])))  # no flip held out
 
 
 def test_pickled_store_maps_its_files_again_instead_of_copying_them(art):
