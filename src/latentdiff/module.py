@@ -102,11 +102,11 @@ class DiffusionModule(L.LightningModule):
     def batch_cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The condition the backbone sees: class ids, text features, or None (unconditional run)."""
         cond = batch.get("cond")
-        if cond is not None and not cond.is_floating_point() and self.num_classes == 0:
+        if cond is None:
             return None
-        if cond is not None and cond.is_floating_point():
-            cond = cond.float()  # text features are stored in fp16; autocast picks the compute dtype
-        return cond
+        if cond.is_floating_point():
+            return cond.float()  # text features are stored in fp16; autocast picks the compute dtype
+        return cond if self.num_classes > 0 else None  # class ids of an unconditional run are ignored
 
     def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """Replace each condition by the null condition with probability `p_uncond` (CFG training)."""

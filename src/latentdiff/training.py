@@ -108,8 +108,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
-        if getattr(datamodule, "empty_text", None) is not None:
-            module.null_text = datamodule.empty_text  # (L, D): the null condition of text runs
+        empty_text = getattr(datamodule, "empty_text", None)
+        if empty_text is not None:
+            module.null_text = empty_text  # (L, D): the null condition of text runs
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -158,8 +158,7 @@ class LatentStore:
                 info = check_shard(path)
             except StoreError as err:
                 raise StoreError(f"{key}={root}: {err}; re-run the extraction to repair the store") from None
-            arrays = {k: _load(path / f"{k}.npy", in_memory) for k in _ARRAYS if (path / f"{k}.npy").exists()}
-            self.shards.append(Shard(count=info["count"], **{k: arrays.get(k) for k in _ARRAYS}))
+            self.shards.append(_open_shard(path, info["count"], in_memory))
         counts = np.array([s.count for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # global index -> shard by searchsorted
         if int(self.offsets[-1]) != self.meta["count"]:
@@ -184,11 +183,9 @@ class LatentStore:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if not self.in_memory:
-            for i, shard in enumerate(self.shards):
-                path = self.root / "shards" / shard_name(i)
-                for k in _ARRAYS:
-                    if (path / f"{k}.npy").exists():
-                        setattr(shard, k, _load(path / f"{k}.npy", in_memory=False))
+            self.shards = [
+                _open_shard(self.root / "shards" / shard_name(i), s.count, False) for i, s in enumerate(self.shards)
+            ]
 
     def captions(self, index: int) -> list[str]:
         """All captions of item `index` (text stores)."""
@@ -202,5 +199,10 @@ class LatentStore:
         return shard, indices - self.offsets[shard]
 
 
-def _load(path: Path, in_memory: bool) -> np.ndarray:
-    return np.load(path) if in_memory else np.load(path, mmap_mode="r")
+def _open_shard(path: Path, count: int, in_memory: bool) -> Shard:
+    """A shard's arrays, memory-mapped (or read into RAM); absent arrays are None."""
+    files = {k: path / f"{k}.npy" for k in _ARRAYS}
+    arrays = {
+        k: (np.load(f) if in_memory else np.load(f, mmap_mode="r")) if f.exists() else None for k, f in files.items()
+    }
+    return Shard(count=count, **arrays)
