@@ -10,11 +10,11 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train extract test test-fast bench lint format clean
+.PHONY: help install train extract sample evaluate test test-fast bench lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  Pass options with ARGS=\"...\" (train, extract) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
+	@echo "  Pass options with ARGS=\"...\" (train, extract, sample, evaluate) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -32,6 +32,12 @@ train: install ## Train the default experiment (quickstart: U-ViT-tiny on built-
 extract: install ## Encode images into a latent store: make extract ARGS="data=imagenet_folder data.root=... out=..."
 	$(PY) -m latentdiff.extract $(ARGS)
 
+sample: install ## Generate images: make sample ARGS="ckpt=outputs/.../last.ckpt num_samples=50000"
+	$(PY) sample.py $(ARGS)
+
+evaluate: install ## Score samples: make evaluate ARGS="samples=.../samples.npz reference=... metrics=[fid,isc]"
+	$(PY) evaluate.py $(ARGS)
+
 test: install ## Run all tests (fast tier + slow tier), CPU, offline
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -40,6 +46,7 @@ test-fast: install ## Run the fast tier only
 
 bench: install ## Run the benchmarks (bench/): print tables, write JSON under outputs/bench/
 	$(PY) bench/loader.py
+	$(PY) bench/sampling.py
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .

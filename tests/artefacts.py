@@ -111,3 +111,36 @@ def make_coco(root: Path, count: int = 10, size: int = 48, seed: int = 1) -> tup
     annotations = root / "captions_train2014.json"
     annotations.write_text(json.dumps(coco))
     return folder, annotations
+
+
+def make_inception_weights(path: Path, seed: int = 0) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as a state dict in its release format.
+
+    The module is built with its own constructor (the download is patched out), so the keys and shapes
+    are exactly those torch-fidelity loads.
+    """
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(seed)
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", return_value=None),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None),
+    ):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    # random weights collapse every image to the same features; calibrating BatchNorm on varied images (as
+    # training would) keeps the activations normalised, so features and logits differ from image to image
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    images, _ = render_shapes(32, seed=seed + 100)
+    with torch.no_grad():
+        model(images)
+    model.eval()
+    model.fc.weight.data *= 40  # peaked class probabilities: an Inception Score well above 1
+    state = model.state_dict()
+    torch.save(state, path)
+    return path

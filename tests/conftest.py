@@ -16,6 +16,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.
 TINY_RUN = [
+    "model=uvit_tiny",
+    "trainer.precision=32-true",
     "data.num_train=256",
     "data.num_val=64",
     "data.batch_size=16",

@@ -26,7 +26,7 @@ def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     ("args", "message"),
     [
         (
-            ["model.patch_size=3"],
+            ["model=uvit_tiny", "model.patch_size=3"],
             "error: model.patch_size=3 does not divide the input size 32; use one of 1, 2, 4, 8, 16, 32",
         ),
         (
@@ -35,7 +35,7 @@ def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         ),
         (["optim.lr=-1e-4"], "error: optim.lr=-0.0001 must be > 0"),
         (["module.p_uncond=1.5"], "error: module.p_uncond=1.5 is outside [0, 1)"),
-        (["model.skip=sideways"], "error: model.skip='sideways' is not allowed; use one of"),
+        (["model=uvit_tiny", "model.skip=sideways"], "error: model.skip='sideways' is not allowed; use one of"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_exit_and_no_run_dir(tmp_path, args, message):

@@ -8,6 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from latentdiff.config import ConfigError, check_group_choices, validate_train_config
+from latentdiff.diffusion import make_sampling_scheduler
+from latentdiff.models import build_backbone
 
 from .conftest import CONF_DIR
 
@@ -44,7 +46,7 @@ def test_every_option_composes_and_resolves(compose_cfg, group, option):
     if group == "data" and option.endswith("_latents"):
         overrides += ["vae=sd_ema", "model=uvit_s2_t2i" if "coco" in option else "model=uvit_l2"]
     if group == "vae" and option != "none":
-        overrides.append("model.patch_size=2")  # 256 px / 8 = 32 latents would need image_size 256
+        overrides += ["model=uvit_tiny", "model.patch_size=2"]  # 256 px / 8 = 32 latents would need image_size 256
         overrides.append("data.image_size=256")
     if group == "data" and option in EXTRACTION_SOURCES:
         from .test_latents import compose_extract
@@ -63,16 +65,21 @@ def test_every_object_option_instantiates(compose_cfg, group, option):
         if "t2i" in option or option.startswith("unet_cond"):
             cfg = compose_cfg([f"{group}={option}", "data.num_classes=0"])
         with torch.device("meta"):
-            model = instantiate(cfg.model)
+            model = build_backbone(cfg.model)
         assert sum(p.numel() for p in model.parameters()) > 0
     elif group == "diffusion":
         diffusion = instantiate(cfg.diffusion)
         assert diffusion.num_timesteps == 1000
     else:
+        flow = option.startswith("flow")
+        if flow:
+            cfg = compose_cfg([f"{group}={option}", "diffusion=flow"])
         train_scheduler = instantiate(cfg.diffusion).scheduler
-        scheduler = instantiate(cfg.sampler.scheduler)(train_scheduler.config)
-        # the sampler shares the training schedule (same betas)
-        assert torch.equal(scheduler.betas, train_scheduler.betas)
+        scheduler = make_sampling_scheduler(instantiate(cfg.sampler.scheduler), train_scheduler)
+        if flow:  # the flow samplers share the training timestep shift
+            assert scheduler.config.shift == train_scheduler.config.shift
+        else:  # the sampler shares the training schedule (same betas)
+            assert torch.equal(scheduler.betas, train_scheduler.betas)
 
 
 def test_data_reshapes_the_backbone(compose_cfg):
@@ -85,7 +92,8 @@ def test_data_reshapes_the_backbone(compose_cfg):
 def test_default_is_the_quickstart(compose_cfg):
     cfg = compose_cfg([])
     assert cfg.name == "quickstart"
-    assert cfg.model._target_ == "latentdiff.models.uvit.UViT" and cfg.vae._target_.endswith("IdentityAutoencoder")
+    assert cfg.model._target_ == "latentdiff.models.unet.UNet" and cfg.vae._target_.endswith("IdentityAutoencoder")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.diffusion.scheduler.prediction_type == "v_prediction"
 
 
 @pytest.mark.parametrize(
@@ -111,8 +119,8 @@ def test_validation_names_key_value_and_allowed(compose_cfg, override, message):
 def test_unknown_group_option_lists_the_choices():
     with pytest.raises(ConfigError, match=r"model=uvit_xxl is not a known option of 'model'; use one of: .*uvit_tiny"):
         check_group_choices(["model=uvit_xxl"], CONF_DIR)
-    with pytest.raises(ConfigError, match=r"sampler=euler"):
-        check_group_choices(["-m", "sampler=ddim,euler"], CONF_DIR)
+    with pytest.raises(ConfigError, match=r"sampler=lms"):
+        check_group_choices(["-m", "sampler=ddim,lms"], CONF_DIR)
     check_group_choices(["model=uvit_s2,uvit_tiny", "model.depth=3", "hydra/launcher=basic"], CONF_DIR)
 
 

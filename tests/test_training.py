@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from hydra.utils import instantiate
 
 from latentdiff.config import ConfigError
+from latentdiff.models import build_backbone
 from latentdiff.training import build_module, run_training
 
 from .conftest import TINY_RUN
@@ -65,7 +65,7 @@ def test_checkpoint_save_load_gives_the_same_outputs(compose_cfg):
     torch.testing.assert_close(fresh.backbone(x, t, y), other.backbone(x, t, y), rtol=0, atol=0)
     torch.testing.assert_close(fresh.ema.model(x, t, y), other.ema.model(x, t, y), rtol=0, atol=0)
     backbone_state = {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
-    raw = instantiate(cfg.model)
+    raw = build_backbone(cfg.model)
     raw.load_state_dict(backbone_state)
     torch.testing.assert_close(raw(x, t, y), fresh.backbone(x, t, y), rtol=0, atol=0)
 

@@ -6,7 +6,6 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -14,10 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from latentdiff.config import register_resolvers
+from latentdiff.models import build_backbone
 from latentdiff.models.unet import UNet, UNetCond
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-WRAPPER_KEYS = {"_target_", "_convert_", "gradient_checkpointing"}
+WRAPPER_KEYS = {"_target_", "_convert_", "gradient_checkpointing", "pretrained"}
 
 TINY = dict(  # as conf/model/unet_tiny.yaml, class-conditional: 4 classes + the null class
     sample_size=32,
@@ -240,7 +240,7 @@ def test_bad_input_size() -> None:
 def test_presets(compose_model: Callable[..., DictConfig], preset: str, data: tuple, num_params: int) -> None:
     cfg = compose_model(preset, *data)
     with torch.device("meta"):
-        model = hydra.utils.instantiate(cfg.model)
+        model = build_backbone(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == num_params
     assert model.unet.config.sample_size == data[0] and model.unet.config.in_channels == data[1]
     expected_classes = data[2] + 1 if preset in ("unet", "unet_tiny") and data[2] > 0 else None

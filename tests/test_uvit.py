@@ -130,7 +130,7 @@ def _model_cfg(request: pytest.FixtureRequest, preset: str, size: int, chans: in
 def test_preset_parameter_count_equals_official(request: pytest.FixtureRequest, preset: str) -> None:
     (size, chans, classes), expected = PRESETS[preset]
     node = OmegaConf.to_container(_model_cfg(request, preset, size, chans, classes), resolve=True)
-    assert node.pop("_target_") == "latentdiff.models.uvit.UViT"
+    assert node.pop("_target_") == "latentdiff.models.uvit.UViT" and node.pop("pretrained") is None
     with torch.device("meta"):
         model = UViT(**node)
     assert sum(p.numel() for p in model.parameters()) == expected

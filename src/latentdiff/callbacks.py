@@ -1,4 +1,5 @@
-"""Training callbacks: EMA sample grids and the loss-curve plot, both written into the run directory."""
+"""Training callbacks: EMA sample grids, FID during training and the loss-curve plot, written into the run
+directory."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-from latentdiff.diffusion import make_sampling_scheduler, sample_loop
 
 
 class SampleGrid(L.Callback):
@@ -28,12 +27,13 @@ class SampleGrid(L.Callback):
             (e.g. `DPMSolverMultistepScheduler.from_config`), from `conf/sampler/`.
         steps: solver steps.
         guidance_scale: CFG weight w (diffusers/DiT convention; 1 = none).
+        guidance_interval: (low, high) training timesteps where guidance applies; None: all steps.
         step_kwargs: extra `scheduler.step` arguments (e.g. `eta` for DDIM).
         every_n_steps: sampling period in optimizer steps (0 = only at the end).
         samples_per_class: columns of a class-conditional grid.
         num_samples: size of an unconditional grid.
         max_classes: at most this many class rows (ImageNet has 1000 classes); classes are evenly spaced.
-        seed: seed of the start noise.
+        seed: the sampling seed (sample i of the grid is sample i of `sample.py` with this seed).
     """
 
     def __init__(
@@ -44,6 +44,7 @@ class SampleGrid(L.Callback):
         guidance_scale: float = 1.0,
         step_kwargs: dict[str, Any] | None = None,
         every_n_steps: int = 1000,
+        guidance_interval: list[float] | None = None,
         samples_per_class: int = 8,
         num_samples: int = 64,
         max_classes: int = 10,
@@ -53,7 +54,7 @@ class SampleGrid(L.Callback):
             raise ValueError(f"callbacks.sample_grid.every_n_steps={every_n_steps} must be >= 0")
         self.dirpath = Path(dirpath)
         self.scheduler_partial = scheduler
-        self.steps, self.guidance_scale = steps, guidance_scale
+        self.steps, self.guidance_scale, self.guidance_interval = steps, guidance_scale, guidance_interval
         self.step_kwargs = dict(step_kwargs or {})
         self.every_n_steps = every_n_steps
         self.samples_per_class, self.num_samples, self.max_classes = (
@@ -87,27 +88,21 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def make_grid(self, pl_module) -> torch.Tensor:
         """Sample and decode the grid; returns a (3, H, W) float image in [0, 1]."""
+        from latentdiff.generation import module_sampler
+
         cond, ncol = self._conditions(pl_module)
         count = len(cond) if cond is not None else self.num_samples
-        model = pl_module.sampling_backbone
-        shape = _latent_shape(pl_module)
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn((count, *shape), generator=generator).to(pl_module.device)  # (B, C, h, w)
-        cond = cond.to(pl_module.device) if cond is not None else None
-        scheduler = make_sampling_scheduler(self.scheduler_partial, pl_module.diffusion.scheduler)
-        latents = sample_loop(
-            model,
-            scheduler,
-            noise,
+        sampler = module_sampler(
+            pl_module,
+            self.scheduler_partial,
             self.steps,
-            cond=cond,
-            null_cond=pl_module.null_cond(cond),
-            guidance_scale=self.guidance_scale,
-            generator=generator,
+            self.guidance_scale,
+            guidance_interval=self.guidance_interval,
             step_kwargs=self.step_kwargs,
+            seed=self.seed,
         )
-        images = (pl_module.autoencoder.decode(latents).float().clamp(-1, 1) + 1) / 2  # (B, 3, H, W)
-        return torchvision.utils.make_grid(images.cpu(), nrow=ncol, padding=2, pad_value=1.0)
+        images = sampler.images(list(range(count)), cond).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+        return torchvision.utils.make_grid(images, nrow=ncol, padding=2, pad_value=1.0)
 
     def _save(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
@@ -136,14 +131,6 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module)
-
-
-def _latent_shape(pl_module) -> tuple[int, int, int]:
-    """(C, h, w) of the backbone's input, read from the module's `latent_shape` attribute."""
-    shape = getattr(pl_module, "latent_shape", None)
-    if shape is None:
-        raise ValueError("the module has no latent_shape; run_training sets it from data.latent_size")
-    return tuple(shape)
 
 
 class LossCurve(L.Callback):
@@ -202,3 +189,133 @@ class LossCurve(L.Callback):
         fig.tight_layout()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.path)
+
+
+def metric_name(num_samples: int) -> str:
+    """`val/fid_10k` for 10000 samples, `val/fid_500` for 500."""
+    n = int(num_samples)
+    return f"val/fid_{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"val/fid_{n}"
+
+
+class FID(L.Callback):
+    """Every `every_n_steps` optimizer steps, FID of `num_samples` EMA samples against `reference`.
+
+    The samples are made as `sample.py` makes them (per-index seeds, uniform random classes or the held-out
+    captions), split over all ranks; Inception features are gathered on rank 0, which computes the FID.
+    Logs `val/fid_10k` (for 10000 samples) and keeps the best checkpoint as `<dirpath>/best_fid.ckpt`.
+
+    Args:
+        reference: statistics npz (mu, sigma), images npz or image folder (see `latentdiff.metrics`).
+        num_samples: N of FID-N.
+        every_n_steps: period in optimizer steps.
+        scheduler, steps, guidance_scale, guidance_interval, step_kwargs: the sampler (`conf/sampler`).
+        batch_size: images per sampling batch on each rank.
+        inception_weights: torch-fidelity Inception weights file; None: its release file (downloaded once).
+        cache_dir: where reference features are cached.
+        dirpath: folder of best_fid.ckpt; None: no best checkpoint.
+        seed: the sampling seed.
+    """
+
+    def __init__(
+        self,
+        reference: str,
+        scheduler: Callable,
+        num_samples: int = 10000,
+        every_n_steps: int = 10000,
+        steps: int = 25,
+        guidance_scale: float = 1.0,
+        guidance_interval: list[float] | None = None,
+        step_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 64,
+        inception_weights: str | None = None,
+        cache_dir: str | None = None,
+        dirpath: str | None = None,
+        seed: int = 0,
+    ):
+        if not reference:
+            raise ValueError("callbacks.fid.reference is not set; give a statistics npz, an images npz or a folder")
+        if int(num_samples) < 2 or int(every_n_steps) < 1 or int(batch_size) < 1:
+            raise ValueError(
+                f"callbacks.fid: num_samples={num_samples} (>= 2), every_n_steps={every_n_steps} and "
+                f"batch_size={batch_size} (>= 1) are not valid"
+            )
+        self.reference_path, self.scheduler_partial = reference, scheduler
+        self.num_samples, self.every_n_steps, self.steps = int(num_samples), int(every_n_steps), int(steps)
+        self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
+        self.step_kwargs, self.batch_size = dict(step_kwargs or {}), int(batch_size)
+        self.inception_weights, self.cache_dir = inception_weights, cache_dir
+        self.dirpath, self.seed = Path(dirpath) if dirpath else None, int(seed)
+        self.name = metric_name(self.num_samples)
+        self.best = float("inf")
+        self._inception = self._reference = None
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        from latentdiff.metrics import Inception, load_reference
+
+        self._inception = Inception(self.inception_weights, pl_module.device, self.batch_size)
+        if trainer.is_global_zero:  # fail before training when the reference cannot be read
+            self._reference = load_reference(self.reference_path, self._inception, self.cache_dir, need_features=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            fid = self.compute(trainer, pl_module)
+            trainer.callback_metrics[self.name] = torch.tensor(fid)  # for monitors and the run's summary
+            if trainer.is_global_zero:  # once, at this step (self.log would repeat it until the epoch ends)
+                for logger in trainer.loggers:
+                    logger.log_metrics({self.name: fid}, step=step)
+            if fid < self.best:
+                self.best = fid
+                if self.dirpath is not None:
+                    trainer.save_checkpoint(self.dirpath / "best_fid.ckpt")
+
+    @torch.no_grad()
+    def compute(self, trainer: L.Trainer, pl_module) -> float:
+        """FID-N of the module's sampling (EMA) backbone; the same value is returned on every rank."""
+        from latentdiff.generation import PromptSet, conditions_for, module_sampler
+        from latentdiff.metrics import FID_LAYER, compute_metrics
+
+        rank, world = trainer.global_rank, trainer.world_size
+        per_rank = math.ceil(self.num_samples / world)
+        mine = list(range(rank, self.num_samples, world))
+        valid = len(mine)
+        mine += [mine[-1]] * (per_rank - valid)  # equal sizes for all_gather; the copies are dropped
+        prompts = None
+        if getattr(pl_module, "null_text", None) is not None:
+            prompts = PromptSet(trainer.datamodule.val_store)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            sampler = module_sampler(
+                pl_module,
+                self.scheduler_partial,
+                self.steps,
+                self.guidance_scale,
+                guidance_interval=self.guidance_interval,
+                step_kwargs=self.step_kwargs,
+                seed=self.seed,
+            )
+            feats = []
+            for start in range(0, per_rank, self.batch_size):
+                indices = mine[start : start + self.batch_size]
+                cond, _ = conditions_for(indices, pl_module.num_classes, self.seed, "uniform", prompts)
+                feats.append(self._inception.features([sampler.images(indices, cond)])[FID_LAYER])
+        finally:
+            pl_module.train(was_training)
+        local = torch.cat(feats).to(pl_module.device)  # (per_rank, 2048)
+        valid_t = torch.tensor([valid], device=pl_module.device)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, per_rank, local.shape[-1])  # (world, k, 2048)
+        counts = trainer.strategy.all_gather(valid_t).reshape(-1)  # (world,)
+        fid = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        if trainer.is_global_zero:
+            features = torch.cat([gathered[r, : int(counts[r])] for r in range(gathered.shape[0])]).cpu()
+            fid += compute_metrics({FID_LAYER: features}, self._reference, ["fid"], {})["fid"]
+        return float(trainer.strategy.broadcast(fid, src=0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict.get("best", float("inf")))

@@ -26,8 +26,16 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def hydra_entry(run: Callable[[Any], Any], config_dir: Path, config_name: str, cleanup_run_dir: bool = True) -> None:
+def hydra_entry(
+    run: Callable[..., Any],
+    config_dir: Path,
+    config_name: str,
+    cleanup_run_dir: bool = True,
+    pass_overrides: bool = False,
+) -> None:
     """Run `run(cfg)` under `@hydra.main`, with one-line errors for configuration mistakes.
+
+    With `pass_overrides`, `run(cfg, overrides)` also gets the command-line overrides (`key=value` strings).
 
     A `ConfigError` prints `error: <message>` on stderr, removes the run directory if nothing but Hydra's
     start-up files are in it (when `cleanup_run_dir`), and exits with status 2. Set LATENTDIFF_DEBUG=1 to get
@@ -47,6 +55,8 @@ def hydra_entry(run: Callable[[Any], Any], config_dir: Path, config_name: str, c
     @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
     def main(cfg):
         try:
+            if pass_overrides:
+                return run(cfg, list(HydraConfig.get().overrides.task))
             return run(cfg)
         except ConfigError as err:
             if debug:

@@ -26,6 +26,7 @@ def register_resolvers() -> None:
         "ld.div": lambda a, b: int(a) // int(b),
         "ld.mul": lambda a, b: a * b,
         "ld.add": lambda a, b: a + b,
+        "ld.if_null": lambda value, then, otherwise: then if value is None else otherwise,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -69,6 +70,24 @@ def _number(cfg: DictConfig, key: str) -> float | None:
     return value
 
 
+def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") -> None:
+    """A flow-matching objective needs a FlowMatch* sampler, a Gaussian one any other (checked on targets).
+
+    Raises:
+        ConfigError: naming the sampler, the objective and the samplers that fit.
+    """
+    objective = str(OmegaConf.select(cfg, "diffusion._target_", default="") or "")
+    sampler = str(OmegaConf.select(cfg, f"{sampler_key}._target_", default="") or "")
+    if not objective or not sampler:
+        return
+    flow_objective, flow_sampler = objective.endswith("FlowMatching"), "FlowMatch" in sampler
+    if flow_objective != flow_sampler:
+        name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
+        allowed = "flow_euler or flow_heun" if flow_objective else "ddpm, ddim, dpm_solver, euler or heun"
+        kind = "flow-matching" if flow_objective else "Gaussian-diffusion"
+        raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Checks that need no built object, run before any work so a mistake costs nothing.
 
@@ -100,6 +119,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         value = _number(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value} {allowed}")
+    check_sampler_fits(cfg)
     precision = OmegaConf.select(cfg, "trainer.precision", default=None)
     allowed_precision = (
         "32-true",

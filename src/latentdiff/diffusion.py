@@ -11,6 +11,8 @@ Glossary (DDPM notation, discrete t in [0, N)):
     x_t       sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps        (scheduler.add_noise)
     v         sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0        (scheduler.get_velocity)
     snr       alpha_bar / (1 - alpha_bar)
+    flow      rectified flow (`FlowMatching`): x_t = (1 - t) x0 + t eps, t in [0, 1], velocity eps - x0;
+              the backbone sees t * num_train_timesteps (diffusers' FlowMatch* scheduler timesteps)
     w         classifier-free guidance weight, diffusers/DiT convention:
               out = uncond + w * (cond - uncond); w = 1 is no guidance; U-ViT's `scale` s is w = 1 + s
 """
@@ -22,12 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+FLOW_TIME_SAMPLINGS = ("uniform", "logit_normal")
 Backbone = Callable[..., torch.Tensor]
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 class GaussianDiffusion:
@@ -52,6 +56,11 @@ class GaussianDiffusion:
             )
         if min_snr_gamma <= 0:
             raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma} must be > 0")
+        if scheduler.config.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
+            raise ValueError(
+                "diffusion.scheduler.rescale_betas_zero_snr=true needs prediction_type=v_prediction or sample: "
+                "at zero terminal SNR an epsilon prediction says nothing about x0 (Lin et al. 2024)"
+            )
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.loss_weighting = loss_weighting
@@ -120,6 +129,101 @@ class GaussianDiffusion:
         return (self.loss_weight(t) * mse).mean(), mse.detach()
 
 
+class FlowMatching:
+    """Rectified flow (Liu et al. 2023; Esser et al. 2024): x_t = (1 - t) x0 + t eps, velocity target eps - x0.
+
+    t in [0, 1] is the noise level; the backbone sees t * num_train_timesteps, the timesteps of diffusers'
+    `FlowMatchEulerDiscreteScheduler`, which (with `FlowMatchHeunDiscreteScheduler`) samples the model.
+
+    Args:
+        scheduler: the `FlowMatchEulerDiscreteScheduler` whose config the sampling schedulers copy
+            (`num_train_timesteps`, `shift`; a sampler may set its own `shift`).
+        time_sampling: "uniform" t, or "logit_normal": t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3).
+        logit_mean, logit_std: parameters of the logit-normal distribution.
+        loss_weighting: only "none" (plain MSE on the velocity).
+    """
+
+    prediction_type = "flow"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        loss_weighting: str = "none",
+    ):
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(
+                f"diffusion.scheduler={type(scheduler).__name__} cannot define flow matching; "
+                "use diffusers.FlowMatchEulerDiscreteScheduler (diffusion=flow)"
+            )
+        if time_sampling not in FLOW_TIME_SAMPLINGS:
+            raise ValueError(
+                f"diffusion.time_sampling={time_sampling!r} is not supported; "
+                f"use one of {', '.join(FLOW_TIME_SAMPLINGS)}"
+            )
+        if logit_std <= 0:
+            raise ValueError(f"diffusion.logit_std={logit_std} must be > 0")
+        if loss_weighting != "none":
+            raise ValueError(f"diffusion.loss_weighting={loss_weighting!r} is not supported by flow matching; use none")
+        self.scheduler = scheduler
+        self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
+        self.loss_weighting = loss_weighting
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
+        """Noise levels t (B,) in (0, 1), float32."""
+        if self.time_sampling == "uniform":
+            t = torch.rand((batch_size,), generator=generator)
+        else:
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn((batch_size,), generator=generator))
+        return t.to(device)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity d x_t / d t = eps - x0 (what `FlowMatchEulerDiscreteScheduler.step` integrates)."""
+        return eps - x0
+
+    def loss(
+        self,
+        model: Backbone,
+        x0: torch.Tensor,
+        cond: torch.Tensor | None,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-matching loss of `model` on clean latents x0; arguments and return as `GaussianDiffusion.loss`."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        t_ = t.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))  # (B, 1, 1, 1)
+        x_t = (1.0 - t_) * x0 + t_ * eps  # (B, C, h, w)
+        pred = model(x_t, t * self.num_timesteps, cond)[:, : x0.shape[1]]  # (B, C, h, w)
+        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
+        return mse.mean(), mse.detach()
+
+
+def is_flow_scheduler(scheduler_class: type) -> bool:
+    """Whether a diffusers scheduler class integrates a flow-matching velocity (FlowMatch*)."""
+    return scheduler_class.__name__.startswith("FlowMatch")
+
+
+def null_condition(
+    cond: torch.Tensor | None, num_classes: int, null_text: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The unconditional input shaped like `cond`: the null class id `num_classes`, or the empty-prompt
+    features `null_text` (L, D) for text features (B, L, D)."""
+    if cond is None:
+        return None
+    if not cond.is_floating_point():
+        return torch.full_like(cond, num_classes)
+    if null_text is None:
+        raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
+    return null_text.to(cond.device, cond.dtype).expand_as(cond)
+
+
 def guided_output(
     model: Backbone,
     x: torch.Tensor,
@@ -150,12 +254,31 @@ def guided_output(
 
 
 def make_sampling_scheduler(scheduler_partial: Callable[..., SchedulerMixin], train_scheduler) -> SchedulerMixin:
-    """A sampling scheduler (DDIM, DPM-Solver++, ...) sharing the training schedule's betas and target.
+    """A sampling scheduler (DDIM, DPM-Solver++, Euler, ...) sharing the training schedule's betas and target.
 
     `scheduler_partial` is e.g. `functools.partial(DDIMScheduler.from_config, timestep_spacing="trailing")`,
     as Hydra builds it from `conf/sampler/*.yaml`.
+
+    Raises:
+        ValueError: the sampler cannot follow the training objective (flow vs Gaussian; zero terminal SNR
+            on a scheduler that cannot rescale its betas).
     """
-    return scheduler_partial(train_scheduler.config)
+    scheduler = scheduler_partial(train_scheduler.config)
+    flow_train, flow_sample = is_flow_scheduler(type(train_scheduler)), is_flow_scheduler(type(scheduler))
+    if flow_train != flow_sample:
+        allowed = "flow_euler or flow_heun" if flow_train else "ddpm, ddim, dpm_solver, euler or heun"
+        raise ValueError(
+            f"sampler.scheduler={type(scheduler).__name__} cannot sample a "
+            f"{'flow-matching' if flow_train else 'Gaussian diffusion'} model "
+            f"(diffusion={type(train_scheduler).__name__}); use sampler={allowed}"
+        )
+    can_rescale = "rescale_betas_zero_snr" in inspect.signature(type(scheduler).__init__).parameters
+    if train_scheduler.config.get("rescale_betas_zero_snr") and not can_rescale:
+        raise ValueError(
+            f"sampler.scheduler={type(scheduler).__name__} cannot follow the zero-terminal-SNR schedule "
+            "(diffusion.scheduler.rescale_betas_zero_snr=true); use sampler=ddim, ddpm, dpm_solver or euler"
+        )
+    return scheduler
 
 
 @torch.no_grad()
@@ -167,7 +290,8 @@ def sample_loop(
     cond: torch.Tensor | None = None,
     null_cond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    generator: Generators = None,
     step_kwargs: dict[str, Any] | None = None,
     progress: Callable | None = None,
 ) -> torch.Tensor:
@@ -176,10 +300,14 @@ def sample_loop(
     Args:
         model: backbone (usually the EMA copy), model(x, t, cond).
         scheduler: a sampling scheduler (see `make_sampling_scheduler`); its state is reset here.
-        noise: (B, C, h, w) standard normal start; the caller owns the seeds (per-sample seeds later).
+        noise: (B, C, h, w) standard normal start; the caller owns the seeds (per-sample seeds: `sampling.py`).
         num_steps: number of solver steps.
         cond, null_cond, guidance_scale: as in `guided_output`.
-        generator: RNG for stochastic steps (DDPM, DDIM with eta > 0).
+        guidance_interval: (low, high) in training timesteps (0..num_train_timesteps; flow matching:
+            t * num_train_timesteps): guidance only where low <= t <= high, the conditional model elsewhere
+            (Kynkaanniemi et al. 2024). None: guidance at every step.
+        generator: RNG of stochastic steps (DDPM, DDIM with eta > 0): one generator, or one per sample
+            (then each sample's noise depends only on its own generator).
         step_kwargs: extra arguments of `scheduler.step` (e.g. eta for DDIM).
         progress: optional wrapper of the timestep iterator (e.g. tqdm).
 
@@ -189,15 +317,19 @@ def sample_loop(
     if num_steps < 1:
         raise ValueError(f"sampler.steps={num_steps} must be >= 1")
     scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma  # (B, C, h, w)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # (B, C, h, w)
+    scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
+    kwargs = dict(step_kwargs or {})
+    if generator is not None and "generator" in _step_params(scheduler):
+        kwargs["generator"] = generator
     timesteps = scheduler.timesteps
     for t in progress(timesteps) if progress else timesteps:
         t_batch = t.expand(x.shape[0]).to(noise.device)  # (B,)
-        x_in = scheduler.scale_model_input(x, t)  # (B, C, h, w)
-        out = guided_output(model, x_in, t_batch, cond, null_cond, guidance_scale)[:, : x.shape[1]]
-        kwargs = dict(step_kwargs or {})
-        if generator is not None and "generator" in _step_params(scheduler):
-            kwargs["generator"] = generator
+        x_in = scale_input(x, t) if scale_input is not None else x  # (B, C, h, w)
+        w = guidance_scale
+        if guidance_interval is not None and not guidance_interval[0] <= float(t) <= guidance_interval[1]:
+            w = 1.0
+        out = guided_output(model, x_in, t_batch, cond, null_cond, w)[:, : x.shape[1]]
         x = scheduler.step(out, t, x, return_dict=False, **kwargs)[0]  # (B, C, h, w)
     return x
 

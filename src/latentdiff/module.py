@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from latentdiff.diffusion import GaussianDiffusion
+from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.ema import EMA
 
 _FROZEN_PREFIX = "autoencoder."
@@ -27,7 +27,7 @@ class DiffusionModule(L.LightningModule):
     Args:
         backbone: network with `forward(x, timesteps, cond)`.
         autoencoder: frozen `IdentityAutoencoder` or `FrozenAutoencoderKL`.
-        diffusion: the training objective around a diffusers scheduler.
+        diffusion: the training objective around a diffusers scheduler (Gaussian diffusion or flow matching).
         optimizer: partial taking the parameters, e.g. `partial(torch.optim.AdamW, lr=2e-4)`.
         lr_scheduler: partial taking the optimizer, stepped every optimizer step; None keeps the LR fixed.
         ema: partial taking the backbone, e.g. `partial(EMA, decay=0.9999)`; None disables EMA.
@@ -43,7 +43,7 @@ class DiffusionModule(L.LightningModule):
         self,
         backbone: nn.Module,
         autoencoder: nn.Module,
-        diffusion: GaussianDiffusion,
+        diffusion: GaussianDiffusion | FlowMatching,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         ema: Callable[[nn.Module], EMA] | None = None,
@@ -91,13 +91,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ conditions
     def null_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The unconditional input shaped like `cond`: the null class id, or the empty-prompt features."""
-        if cond is None:
-            return None
-        if not cond.is_floating_point():
-            return torch.full_like(cond, self.num_classes)
-        if self.null_text is None:
-            raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
-        return self.null_text.to(cond.dtype).expand_as(cond)
+        return null_condition(cond, self.num_classes, self.null_text)
 
     def batch_cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The condition the backbone sees: class ids, text features, or None (unconditional run)."""
@@ -149,7 +143,7 @@ class DiffusionModule(L.LightningModule):
         """
         generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
         x0 = self.latents(batch, generator=generator)  # the posterior draw uses the CPU generator
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
+        t = self.diffusion.sample_timesteps(x0.shape[0], torch.device("cpu"), generator).to(self.device)
         eps = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
         loss, _ = self.diffusion.loss(model, x0, self.batch_cond(batch), t=t, eps=eps)
         return loss

@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def user_errors():
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """The LightningModule of a run (backbone, frozen autoencoder, diffusion, EMA, optimizer partials)."""
-    backbone = instantiate(cfg.model)
+    backbone = build_backbone(cfg.model)
     autoencoder = instantiate(cfg.vae)
     diffusion = instantiate(cfg.diffusion)
     module = DiffusionModule(

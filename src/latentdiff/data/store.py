@@ -190,8 +190,11 @@ class LatentStore:
     def captions(self, index: int) -> list[str]:
         """All captions of item `index` (text stores)."""
         shard, local = self.locate(np.asarray([index]))
-        path = self.root / "shards" / shard_name(int(shard[0])) / "captions.json"
-        return json.loads(path.read_text())[int(local[0])]
+        return self.shard_captions(int(shard[0]))[int(local[0])]
+
+    def shard_captions(self, shard: int) -> list[list[str]]:
+        """The captions of every item of one shard (text stores)."""
+        return json.loads((self.root / "shards" / shard_name(shard) / "captions.json").read_text())
 
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global item indices -> (shard numbers, indices within the shard)."""

@@ -1,0 +1,93 @@
+"""Backbones (`uvit.UViT`, `unet.UNet`, `unet.UNetCond`) and `build_backbone`, which also loads weights.
+
+Every model config has a `pretrained` key (null by default) that is not a constructor argument: a weights
+file (an official U-ViT `.pth` state dict, a `.safetensors` or `.pt` state dict of the backbone, or a
+Lightning checkpoint of this project, whose EMA weights are taken) or, for the UNets, a diffusers folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+_OFFICIAL_WEIGHTS = "https://github.com/baofff/U-ViT#pretrained-models"
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """Instantiate `model_cfg` (a `conf/model/*.yaml` node) and load `model_cfg.pretrained` when it is set."""
+    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    pretrained = cfg.pop("pretrained", None)
+    backbone = instantiate(cfg)
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    return backbone
+
+
+def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
+    """The backbone weights in a file: a plain state dict (.pth/.pt/.bin/.safetensors) or a Lightning checkpoint.
+
+    From a checkpoint of this project the EMA weights are returned (the raw ones when it has no EMA).
+
+    Raises:
+        FileNotFoundError: no such file (the message says where official weights are downloaded).
+        ValueError: the file holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{key}={path} does not exist; download the weights (official U-ViT: {_OFFICIAL_WEIGHTS}) "
+            f"and set {key}=<file>"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise ValueError(f"{key}={path} is not a readable weights file: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+        inner = state["state_dict"]
+        prefix = "ema.model." if any(k.startswith("ema.model.") for k in inner) else "backbone."
+        state = {k[len(prefix) :]: v for k, v in inner.items() if k.startswith(prefix)}
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{key}={path} holds no state dict of tensors")
+    return state
+
+
+def check_fits(backbone: nn.Module, state: dict[str, torch.Tensor], key: str, value: Any, model_name: str) -> None:
+    """Raise one line naming what differs when `state` cannot be loaded into `backbone` strictly."""
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shapes differ (e.g. {shapes[0]})")
+        if missing:
+            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ValueError(f"{key}={value} does not fit {model_name}: {'; '.join(parts)}")
+
+
+def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "model.pretrained") -> None:
+    """Load weights into `backbone` in place (strict): a weights file, or a diffusers folder for the UNets."""
+    path = Path(pretrained)
+    name = type(backbone).__name__
+    if path.is_dir() and hasattr(backbone, "diffusers_cls"):
+        state = {f"unet.{k}": v for k, v in backbone.diffusers_cls.from_pretrained(path).state_dict().items()}
+    else:
+        state = read_state_dict(path, key)
+    check_fits(backbone, state, key, pretrained, f"the configured {name}")
+    backbone.load_state_dict(state)

@@ -1,0 +1,111 @@
+"""Sampling and evaluation throughput: the quickstart model per sampler, and Inception features.
+
+    python bench/sampling.py [--batch 64] [--images 256] [--out outputs/bench/sampling.json]
+
+Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on the quickstart's UNet
+(`unet_tiny`) and on `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32,
+CFG w = 2 (two halves in one batch), each sampler at its configured number of steps.
+Inception: this project's `Inception.features` on uint8 batches streamed from an npz, next to
+`torch_fidelity.calculate_metrics(isc=True)` on the same images as a folder of PNGs, same weights file
+(random weights in torch-fidelity's format: the real file cannot be downloaded here; the compute is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.artefacts import make_inception_weights  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
+
+SAMPLERS = ["dpm_solver", "ddim", "euler", "heun", "ddpm"]
+
+
+def bench_sampling(batch: int) -> list[dict]:
+    from hydra.utils import instantiate
+
+    from latentdiff.generation import class_labels, module_sampler
+    from latentdiff.training import build_module
+
+    rows = []
+    for model, name in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
+        cfg = compose_config([f"sampler={name}", f"model={model}"])
+        module = build_module(cfg).eval()
+        module.latent_shape = (3, 32, 32)
+        steps = int(cfg.sampler.steps)
+        sampler = module_sampler(module, instantiate(cfg.sampler.scheduler), steps, guidance_scale=2.0)
+        indices = list(range(batch))
+        labels = class_labels(indices, 4, 0)
+        sampler.images(indices[:4], labels[:4])  # warm-up
+        start = time.perf_counter()
+        sampler.images(indices, labels)
+        seconds = time.perf_counter() - start
+        rows.append({"model": model, "sampler": name, "steps": steps, "images_per_s": batch / seconds})
+        print(f"sampling {model:10s} {name:10s} {steps:5d} steps  {batch / seconds:8.2f} img/s", flush=True)
+    return rows
+
+
+def bench_inception(count: int, tmp: Path) -> dict:
+    import torch_fidelity
+    import torchvision
+
+    from latentdiff.data import render_shapes
+    from latentdiff.metrics import Inception, NpzImages
+
+    weights = make_inception_weights(tmp / "inception.pth")
+    images, _ = render_shapes(count, image_size=32, seed=0)
+    np.savez(tmp / "set.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    folder = tmp / "set"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        torchvision.io.write_png(image, str(folder / f"{i:05d}.png"))
+    inception = Inception(str(weights), batch_size=64)
+    start = time.perf_counter()
+    inception.features(NpzImages(tmp / "set.npz").batches(), total=count)
+    ours = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    torch_fidelity.calculate_metrics(
+        input1=str(folder),
+        isc=True,
+        cuda=False,
+        batch_size=64,
+        feature_extractor_weights_path=str(weights),
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
+    theirs = count / (time.perf_counter() - start)
+    print(f"inception  latentdiff (npz stream) {ours:8.2f} img/s   torch-fidelity (PNG folder) {theirs:8.2f} img/s")
+    return {"images": count, "latentdiff_images_per_s": ours, "torch_fidelity_images_per_s": theirs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "sampling.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {
+            "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+            "torch": torch.__version__,
+            "sampling": bench_sampling(args.batch),
+            "inception": bench_inception(args.images, Path(tmp)),
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Generate images: `python sample.py ckpt=<run>/last.ckpt num_samples=50000` (see conf/sample.yaml)."""
+
+from pathlib import Path
+
+from latentdiff.cli import hydra_entry
+from latentdiff.sampling import run_sampling
+
+if __name__ == "__main__":
+    hydra_entry(
+        run_sampling, Path(__file__).resolve().parent / "conf", "sample", cleanup_run_dir=False, pass_overrides=True
+    )

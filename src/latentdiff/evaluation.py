@@ -1,0 +1,118 @@
+"""`run_evaluation(cfg)`: `evaluate.py`'s work. Inception features of the samples, metrics against a reference,
+one JSON line on stdout and metrics.json with the provenance of every value."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from latentdiff.config import ConfigError
+from latentdiff.metrics import METRICS, Inception, compute_metrics, load_reference, open_images, write_statistics
+from latentdiff.training import user_errors
+from latentdiff.utils import framework_versions
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_PROVENANCE = ("checkpoint", "global_step", "weights", "sampler", "seed", "labels", "prompts", "precision")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def _validate(cfg: DictConfig) -> list[str]:
+    metrics = list(cfg.metrics) if cfg.metrics is not None else []
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"metrics={metrics}: {unknown[0]} is not a metric; use any of {', '.join(METRICS)}")
+    if not metrics and not cfg.get("write_stats"):
+        raise ConfigError(f"metrics=[] and no write_stats: nothing to do; use any of {', '.join(METRICS)}")
+    if cfg.get("reference") is None and any(m in metrics for m in ("fid", "kid", "prc")):
+        raise ConfigError(f"metrics={metrics} need reference=<statistics npz, images npz or folder>")
+    n = cfg.get("num_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise ConfigError(f"num_samples={n} must be an integer >= 2 (or null: all samples)")
+    if int(cfg.batch_size) < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    return metrics
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Score `cfg.samples` against `cfg.reference` (see conf/evaluate.yaml).
+
+    Returns:
+        The metrics.json record: {"metrics": {...}, "provenance": {...}}.
+    """
+    with user_errors():
+        metrics = _validate(cfg)
+        samples = open_images(cfg.samples, "samples")
+        samples.check()
+        available = len(samples)
+        n = int(cfg.num_samples) if cfg.get("num_samples") is not None else available
+        if available < n:
+            raise ConfigError(f"samples={cfg.samples} holds {available} images, fewer than num_samples={n}")
+        options = OmegaConf.to_container(cfg.fidelity) if cfg.get("fidelity") else {}
+        subset = int(options.get("kid_subset_size", 1000))
+        if "kid" in metrics and n < subset:
+            raise ConfigError(f"fidelity.kid_subset_size={subset} is more than the {n} samples; set it to <= {n}")
+        inception = Inception(cfg.get("inception_weights"), _device(str(cfg.device)), int(cfg.batch_size))
+        reference = None
+        if cfg.get("reference") is not None:
+            need_features = any(m in metrics for m in ("kid", "prc"))
+            reference = load_reference(cfg.reference, inception, cfg.get("cache_dir"), need_features)
+            if reference.image_shape is not None and tuple(reference.image_shape) != tuple(samples.image_shape):
+                raise ConfigError(
+                    f"samples={cfg.samples} are {samples.image_shape[0]}x{samples.image_shape[1]} but "
+                    f"reference={cfg.reference} is {reference.image_shape[0]}x{reference.image_shape[1]}; "
+                    "compare images of the same resolution"
+                )
+            if "kid" in metrics and len(reference.features["2048"]) < subset:
+                raise ConfigError(
+                    f"fidelity.kid_subset_size={subset} is more than the reference's "
+                    f"{len(reference.features['2048'])} images; set it lower"
+                )
+    start = time.perf_counter()
+    features = inception.features(samples.batches(limit=n), total=n)
+    seconds = time.perf_counter() - start
+    if cfg.get("write_stats"):
+        write_statistics(cfg.write_stats, features["2048"])
+        log.info("wrote the statistics of %d samples to %s", n, cfg.write_stats)
+    values = compute_metrics(features, reference, metrics, options) if metrics else {}
+    record = {"metrics": values, "provenance": _provenance(cfg, n, inception, reference, options)}
+    record["provenance"]["inception_images_per_s"] = n / seconds if seconds > 0 else None
+    print(json.dumps(record, sort_keys=True), flush=True)
+    out = Path(cfg.out) if cfg.get("out") else _samples_dir(Path(cfg.samples)) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    with open(out.with_suffix(".jsonl"), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
+
+
+def _samples_dir(samples: Path) -> Path:
+    return samples if samples.is_dir() else samples.parent
+
+
+def _provenance(cfg: DictConfig, n: int, inception: Inception, reference, options: dict) -> dict[str, Any]:
+    samples = Path(cfg.samples)
+    provenance: dict[str, Any] = {"samples": str(samples.resolve()), "num_samples": n}
+    meta_file = _samples_dir(samples) / "samples.json"
+    if meta_file.is_file():  # written by sample.py
+        meta = json.loads(meta_file.read_text())
+        provenance.update({k: meta[k] for k in _SAMPLE_PROVENANCE if k in meta})
+        provenance["samples_complete"] = meta.get("complete", False)
+    provenance["reference"] = reference.provenance if reference is not None else None
+    provenance["inception"] = inception.describe()
+    provenance["fidelity_options"] = options
+    provenance["versions"] = framework_versions()
+    return provenance

@@ -1,0 +1,419 @@
+"""`run_sampling(cfg)`: `sample.py`'s work. Images by sample index, sharded over processes, resumable.
+
+Output folder (`out`):
+    samples.json          provenance: checkpoint, weights (EMA or raw), model, VAE, objective, sampler, steps,
+                          guidance, seed, labels/prompts, library versions; `complete` once samples.npz is written
+    parts/                what each process made, batch by batch: r<rank>-<first index>.npy (uint8 NHWC) and
+                          .json (indices, labels or captions); a re-run skips the indices found here
+    images/000123.png     one PNG per index (save_png=true)
+    samples.npz           arr_0 (N, H, W, 3) uint8 and, class-conditional, arr_1 (N,) int64 class ids: the layout
+                          of ADM's evaluator and DiT's sample_ddp.py; written by the last process to finish
+    captions.txt          text models: the caption of each index, one per line
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from latentdiff.config import ConfigError, check_sampler_fits
+from latentdiff.data.store import LatentStore, write_json_atomic
+from latentdiff.diffusion import null_condition
+from latentdiff.extract import dist_env
+from latentdiff.generation import ImageSampler, PromptSet, check_labels, conditions_for
+from latentdiff.models import build_backbone, check_fits
+from latentdiff.training import user_errors
+from latentdiff.utils import framework_versions
+
+log = logging.getLogger(__name__)
+
+RUN_GROUPS = ("model", "vae", "diffusion", "data", "module", "sampler")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# keys of samples.json that may differ when a folder is resumed or extended
+_NOT_IDENTITY = ("num_samples", "batch_size", "devices", "versions", "complete", "seconds", "images_per_s")
+
+
+# ------------------------------------------------------------------------------------------- config
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
+    """A checkpoint of this project (weights_only), with a one-line error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"{key}={path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "latentdiff" not in ckpt:
+        raise ConfigError(
+            f"{key}={path} is not a latentdiff training checkpoint (no run config inside); "
+            "for a plain weights file use model=<preset> model.pretrained=<file>"
+        )
+    return ckpt
+
+
+def run_config(cfg: DictConfig, overrides: list[str], stored: dict | None) -> DictConfig:
+    """The model/vae/diffusion/data/module/sampler config to sample with.
+
+    With a checkpoint, its stored (resolved) run config is the base; a group chosen on the command line
+    (`sampler=ddim`) replaces that part, a key (`sampler.steps=25`, `vae.pretrained=<dir>`) replaces that value.
+    Without one, the composed sample config is used as it is.
+    """
+    if stored is None:
+        run = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in RUN_GROUPS})
+    else:
+        run = OmegaConf.create({g: stored.get(g) for g in RUN_GROUPS})
+        if run.model is not None:
+            run.model.pretrained = None  # the checkpoint holds the weights
+        parsed = [(o.split("=", 1)[0].lstrip("+~"), o) for o in overrides if "=" in o and not o.startswith("hydra")]
+        choices = [k for k, _ in parsed if k in RUN_GROUPS]
+        keys = [k for k, _ in parsed if "." in k and k.split(".")[0] in RUN_GROUPS]
+        for group in choices:
+            run[group] = OmegaConf.to_container(cfg[group], resolve=True)
+        for key in keys:
+            OmegaConf.update(run, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    if cfg.get("guidance_scale") is not None:
+        run.sampler.guidance_scale = float(cfg.guidance_scale)
+    return run
+
+
+def _validate(cfg: DictConfig, run: DictConfig) -> None:
+    for key in ("num_samples", "batch_size"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    if str(cfg.precision) not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision} is not supported; use one of {', '.join(PRECISIONS)}")
+    steps = run.sampler.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"sampler.steps={steps} must be a positive integer")
+    if float(run.sampler.guidance_scale) < 0:
+        raise ConfigError(f"guidance_scale={run.sampler.guidance_scale} must be >= 0 (1 = no guidance)")
+    if str(cfg.devices) != "auto" and (not str(cfg.devices).isdigit() or int(cfg.devices) < 1):
+        raise ConfigError(f"devices={cfg.devices} must be auto or a positive integer")
+    check_sampler_fits(run, sampler_key="sampler.scheduler")
+
+
+# -------------------------------------------------------------------------------------------- model
+def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.device) -> dict[str, Any]:
+    """Backbone with its weights, autoencoder, objective, conditions; and the provenance of the weights."""
+    backbone = build_backbone(run.model)
+    model_name = f"model={run.model._target_.rsplit('.', 1)[-1]} of this config"
+    if ckpt is not None:
+        state = ckpt["state_dict"]
+        has_ema = any(k.startswith("ema.model.") for k in state)
+        if cfg.use_ema and not has_ema:
+            raise ConfigError(f"use_ema=true but ckpt={cfg.ckpt} has no EMA weights; use use_ema=false")
+        prefix = "ema.model." if cfg.use_ema else "backbone."
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        check_fits(backbone, weights, "ckpt", cfg.ckpt, model_name)
+        backbone.load_state_dict(weights)
+        source = {
+            "checkpoint": str(Path(cfg.ckpt).resolve()),
+            "checkpoint_bytes": Path(cfg.ckpt).stat().st_size,
+            "global_step": ckpt.get("global_step"),
+            "weights": "ema" if cfg.use_ema else "raw",
+        }
+    else:
+        if not run.model.get("pretrained"):
+            raise ConfigError(
+                "nothing to sample: set ckpt=<run>/last.ckpt, or model=<preset> model.pretrained=<weights file>"
+            )
+        source = {"checkpoint": str(Path(run.model.pretrained).resolve()), "weights": "pretrained"}
+    backbone.eval().requires_grad_(False).to(device)
+    autoencoder = instantiate(run.vae).to(device)
+    objective = instantiate(run.diffusion)
+    num_classes = int(run.module.num_classes)
+    prompts, null_text = None, None
+    if run.data.get("text"):
+        store_path = cfg.prompts
+        if store_path in ("val", "train"):
+            store_path = run.data.get("val_root") if store_path == "val" and run.data.get("val_root") else run.data.root
+        store = LatentStore(store_path, key="prompts")
+        prompts = PromptSet(store)
+        null_text = torch.from_numpy(store.empty_text).float().to(device)  # (L, D)
+        source["prompts"] = {"store": str(Path(store_path).resolve()), "captions": len(prompts)}
+    elif num_classes > 0:
+        check_labels(OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels, num_classes)
+    sampler = ImageSampler(
+        backbone,
+        autoencoder,
+        objective.scheduler,
+        instantiate(run.sampler.scheduler),
+        run.sampler.steps,
+        (run.data.latent_channels, run.data.latent_size, run.data.latent_size),
+        lambda c: null_condition(c, num_classes, null_text),
+        guidance_scale=run.sampler.guidance_scale,
+        guidance_interval=run.sampler.get("guidance_interval"),
+        step_kwargs=OmegaConf.to_container(run.sampler.get("step_kwargs") or OmegaConf.create({})),
+        seed=cfg.seed,
+    )
+    return {"sampler": sampler, "num_classes": num_classes, "prompts": prompts, "source": source}
+
+
+def _spec(cfg: DictConfig, run: DictConfig, built: dict[str, Any]) -> dict[str, Any]:
+    """samples.json: what produced the images (identity keys) and bookkeeping (`_NOT_IDENTITY`)."""
+    sampler = run.sampler
+    labels = cfg.labels
+    return {
+        **built["source"],
+        "model": OmegaConf.to_container(run.model),
+        "vae": built["sampler"].autoencoder.describe(),
+        "diffusion": OmegaConf.to_container(run.diffusion),
+        "sampler": {
+            "scheduler": OmegaConf.to_container(sampler.scheduler),
+            "steps": int(sampler.steps),
+            "guidance_scale": float(sampler.guidance_scale),
+            "guidance_interval": OmegaConf.to_container(sampler.guidance_interval)
+            if OmegaConf.is_config(sampler.get("guidance_interval"))
+            else sampler.get("guidance_interval"),
+            "step_kwargs": OmegaConf.to_container(sampler.get("step_kwargs") or OmegaConf.create({})),
+        },
+        "seed": int(cfg.seed),
+        "labels": (OmegaConf.to_container(labels) if OmegaConf.is_config(labels) else labels)
+        if built["num_classes"] > 0 and built["prompts"] is None
+        else None,
+        "image_size": int(run.data.image_size),
+        "precision": str(cfg.precision),
+        "num_samples": int(cfg.num_samples),
+        "batch_size": int(cfg.batch_size),
+        "versions": framework_versions(),
+        "complete": False,
+    }
+
+
+def _default_out(cfg: DictConfig, run: DictConfig) -> Path:
+    sampler = run.sampler.scheduler._target_.split(".")[-2].replace("Scheduler", "").lower()
+    tag = f"{sampler}{run.sampler.steps}-w{float(run.sampler.guidance_scale):g}-seed{cfg.seed}"
+    if cfg.ckpt:
+        weights = "ema" if cfg.use_ema else "raw"
+        return Path(cfg.ckpt).resolve().parent / "samples" / f"{Path(cfg.ckpt).stem}-{weights}-{tag}"
+    return Path.cwd() / "outputs" / "samples" / f"{Path(run.model.pretrained).stem}-{tag}"
+
+
+def _check_out(out: Path, spec: dict[str, Any]) -> None:
+    """Refuse a folder holding other samples (naming the first differing key), or anything else."""
+    meta = out / "samples.json"
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        for key in sorted(set(old) | set(spec)):
+            if key not in _NOT_IDENTITY and old.get(key) != spec.get(key):
+                raise ConfigError(
+                    f"out={out} holds samples made differently ({key}: {_short(old.get(key))} there, "
+                    f"{_short(spec.get(key))} now); choose another out="
+                )
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} is not empty and holds no samples.json; choose another out=")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------- parts
+def done_indices(out: Path) -> set[int]:
+    """Sample indices already written to `out/parts` by any process of any earlier run."""
+    done: set[int] = set()
+    for meta in (out / "parts").glob("r*.json"):
+        if meta.with_suffix(".npy").is_file():
+            done.update(json.loads(meta.read_text())["indices"])
+    return done
+
+
+def _write_part(out: Path, rank: int, indices: list[int], images: np.ndarray, conds: list[Any]) -> None:
+    parts = out / "parts"
+    name = f"r{rank:03d}-{indices[0]:08d}"
+    tmp = parts / f".{name}.tmp-{os.getpid()}.npy"
+    np.save(tmp, images)
+    os.replace(tmp, parts / f"{name}.npy")
+    write_json_atomic(parts / f"{name}.json", {"indices": indices, "conds": conds})  # last: marks the part done
+
+
+def _write_pngs(out: Path, indices: list[int], images: np.ndarray) -> None:
+    import torchvision
+
+    folder = out / "images"
+    for i, image in zip(indices, images):
+        tmp = folder / f".{i:06d}.tmp-{os.getpid()}.png"
+        torchvision.io.write_png(torch.from_numpy(image).permute(2, 0, 1).contiguous(), str(tmp))
+        os.replace(tmp, folder / f"{i:06d}.png")
+
+
+def assemble(out: Path, num_samples: int, class_conditional: bool) -> Path | None:
+    """Write samples.npz (indices 0..N-1 in order) from the parts; None while some index is missing.
+
+    The npz is streamed part by part into a zip (no copy of all images in memory); it is written under a
+    temporary name and renamed, so a samples.npz is always complete.
+    """
+    where: dict[int, tuple[Path, int]] = {}
+    conds: dict[int, Any] = {}
+    for meta_file in sorted((out / "parts").glob("r*.json")):
+        meta = json.loads(meta_file.read_text())
+        for row, (i, c) in enumerate(zip(meta["indices"], meta["conds"])):
+            if i < num_samples:
+                where[i], conds[i] = (meta_file.with_suffix(".npy"), row), c
+    if len(where) < num_samples:
+        return None
+    first = np.load(where[0][0], mmap_mode="r")
+    shape = (num_samples, *first.shape[1:])
+    path, tmp = out / "samples.npz", out / f".samples.npz.tmp-{os.getpid()}"
+    maps: dict[Path, np.ndarray] = {}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for start in range(0, num_samples, 256):
+                chunk = []
+                for i in range(start, min(start + 256, num_samples)):
+                    file, row = where[i]
+                    if file not in maps:
+                        maps[file] = np.load(file, mmap_mode="r")
+                    chunk.append(maps[file][row])
+                f.write(np.ascontiguousarray(np.stack(chunk)).tobytes())
+        if class_conditional:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray([conds[i] for i in range(num_samples)], dtype=np.int64))
+    os.replace(tmp, path)
+    if not class_conditional and any(isinstance(conds[i], str) for i in range(num_samples)):
+        (out / "captions.txt").write_text("".join(str(conds[i]).replace("\n", " ") + "\n" for i in range(num_samples)))
+    return path
+
+
+# -------------------------------------------------------------------------------------------- run
+def _device(local_rank: int) -> torch.device:
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _num_processes(devices: Any) -> int:
+    if str(devices) == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(devices)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank: int, world: int, port: int, cfg: dict, overrides: list[str]) -> None:
+    """One of `devices=N` processes: the environment torchrun would set, then the same `run_sampling`."""
+    import sys
+
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    if not torch.cuda.is_available():  # CPU processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        run_sampling(OmegaConf.create(cfg), overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _spawn(cfg: DictConfig, run: DictConfig, overrides: list[str], nprocs: int) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["out"] = str(Path(cfg.out) if cfg.get("out") else _default_out(cfg, run))  # one folder for all
+    container["devices"] = 1
+    try:
+        mp.spawn(_spawned, args=(nprocs, _free_port(), container, overrides), nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as err:
+        raise SystemExit(err.exit_code or 1) from None  # the process printed its error
+    result = json.loads((Path(container["out"]) / "samples.json").read_text())
+    result["out"] = container["out"]
+    return result
+
+
+def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Generate `cfg.num_samples` images into `cfg.out` (see the module docstring and conf/sample.yaml).
+
+    Args:
+        cfg: the composed `conf/sample.yaml`.
+        overrides: the command-line overrides (`key=value`), which decide what replaces the checkpoint's config.
+
+    Returns:
+        samples.json's content (with `npz` when this process wrote samples.npz).
+    """
+    overrides = list(overrides or [])
+    rank, world, local_rank = dist_env()
+    with user_errors():
+        ckpt = load_checkpoint(cfg.ckpt) if cfg.get("ckpt") else None
+        run = run_config(cfg, overrides, ckpt["latentdiff"]["config"] if ckpt is not None else None)
+        _validate(cfg, run)
+        nprocs = _num_processes(cfg.devices)
+        if world == 1 and nprocs > 1:  # one process per device on this machine
+            return _spawn(cfg, run, overrides, nprocs)
+        device = _device(local_rank)
+        built = _build(cfg, run, ckpt, device)
+        spec = _spec(cfg, run, built)
+        out = Path(cfg.out) if cfg.get("out") else _default_out(cfg, run)
+        if rank != 0:  # rank 0 checks the folder and writes samples.json first
+            _wait_for(out / "samples.json")
+        _check_out(out, spec)
+    del ckpt
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_json_atomic(out / "samples.json", spec)
+    for folder in (out / "parts", *((out / "images",) if cfg.save_png else ())):
+        folder.mkdir(parents=True, exist_ok=True)
+    n = int(cfg.num_samples)
+    done = done_indices(out)
+    todo = [i for i in range(n) if i % world == rank and i not in done]
+    log.info("rank %d/%d: %d of %d samples to make on %s (%s)", rank, world, len(todo), n, device, out)
+    sampler, prompts = built["sampler"], built["prompts"]
+    autocast = PRECISIONS[str(cfg.precision)]
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc=f"sample rank {rank}", unit="img", disable=rank != 0 or None) as bar:
+        for b in range(0, len(todo), int(cfg.batch_size)):
+            indices = todo[b : b + int(cfg.batch_size)]
+            cond, record = conditions_for(indices, built["num_classes"], int(cfg.seed), _labels(cfg), prompts)
+            context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+            with context:
+                images = sampler.images(indices, cond).numpy()  # (B, H, W, 3) uint8
+            if cfg.save_png:
+                _write_pngs(out, indices, images)
+            _write_part(out, rank, indices, images, record)
+            bar.update(len(indices))
+    seconds = time.perf_counter() - start
+    result = dict(spec)
+    npz = assemble(out, n, class_conditional=built["num_classes"] > 0 and prompts is None)
+    if npz is not None:
+        result.update(complete=True, npz=str(npz), seconds=seconds, images_per_s=len(todo) / seconds if todo else 0.0)
+        write_json_atomic(out / "samples.json", {k: v for k, v in result.items() if k != "npz"})
+        log.info("%s: %d samples (%d made now, %.2f img/s)", npz, n, len(todo), result["images_per_s"])
+    else:
+        log.info("rank %d done (%d samples); the last process to finish writes samples.npz", rank, len(todo))
+    result["out"] = str(out)
+    return result
+
+
+def _wait_for(path: Path, timeout: float = 3600.0) -> None:
+    """Wait until another process has written `path` (rank 0's samples.json); torchrun/spawn stop us on its error."""
+    start = time.monotonic()
+    while not path.is_file():
+        if time.monotonic() - start > timeout:
+            raise ConfigError(f"{path} was not written by rank 0 within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _labels(cfg: DictConfig) -> Any:
+    return OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels

@@ -1,0 +1,161 @@
+"""evaluate.py against torch-fidelity itself, with a random-weight Inception in torch-fidelity's format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from omegaconf import OmegaConf
+
+from latentdiff.data import render_shapes
+from latentdiff.evaluation import run_evaluation
+from latentdiff.metrics import Inception, NpzImages
+
+from .artefacts import make_inception_weights
+from .test_cli import ROOT, _run
+
+N = 48  # images per set: enough for a full-rank-free FID, KID subsets of 40, 4 IS splits
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Two image sets as npz (ADM layout) and as PNG folders, plus the Inception weights file."""
+    root = tmp_path_factory.mktemp("metrics")
+    weights = make_inception_weights(root / "inception.pth")
+    out = {"weights": weights, "root": root}
+    for name, seed in (("a", 1), ("b", 2)):
+        images, labels = render_shapes(N, seed=seed)
+        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, 32, 32, 3) uint8
+        np.savez(root / f"{name}.npz", arr_0=nhwc, arr_1=labels.numpy())
+        folder = root / name
+        folder.mkdir()
+        for i, image in enumerate(images):
+            torch_fidelity_png(folder / f"{i:04d}.png", image)
+        out[name] = nhwc
+    return out
+
+
+def torch_fidelity_png(path: Path, image: torch.Tensor) -> None:
+    import torchvision
+
+    torchvision.io.write_png(image, str(path))
+
+
+def _evaluate(sets, tmp_path, **kwargs) -> dict:
+    cfg = OmegaConf.create(
+        {
+            "samples": str(sets["root"] / "a.npz"),
+            "reference": str(sets["root"] / "b"),
+            "metrics": ["fid", "isc", "kid"],
+            "num_samples": None,
+            "inception_weights": str(sets["weights"]),
+            "batch_size": 16,
+            "device": "cpu",
+            "cache_dir": str(tmp_path / "cache"),
+            "write_stats": None,
+            "out": str(tmp_path / "metrics.json"),
+            "fidelity": {"kid_subset_size": 40, "isc_splits": 4},
+            **kwargs,
+        }
+    )
+    return run_evaluation(cfg)
+
+
+def test_evaluate_equals_torch_fidelity(sets, tmp_path):
+    ours = _evaluate(sets, tmp_path)["metrics"]
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(sets["root"] / "a"),
+        input2=str(sets["root"] / "b"),
+        cuda=False,
+        fid=True,
+        isc=True,
+        kid=True,
+        feature_extractor_weights_path=str(sets["weights"]),
+        kid_subset_size=40,
+        isc_splits=4,
+        save_cpu_ram=True,
+        cache=False,
+        verbose=False,
+    )
+    assert ours["fid"] > 1 and ours["isc_mean"] > 1.5  # real distances, not a degenerate extractor
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], abs=1e-4, rel=1e-4)
+    assert ours["isc_mean"] == pytest.approx(theirs["inception_score_mean"], abs=1e-4)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], abs=1e-4)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["provenance"]["inception"]["sha256"] and record["provenance"]["num_samples"] == N
+
+
+def test_fid_of_a_set_with_itself_is_zero(sets, tmp_path):
+    values = _evaluate(sets, tmp_path, reference=str(sets["root"] / "a"), metrics=["fid"])["metrics"]
+    assert abs(values["fid"]) < 1e-2  # eigenvalue round-off of a rank-48 covariance; a vs b is > 1
+
+
+def test_statistics_reference_gives_the_image_reference_fid(sets, tmp_path):
+    stats = tmp_path / "b_stats.npz"
+    _evaluate(sets, tmp_path, samples=str(sets["root"] / "b.npz"), reference=None, metrics=[], write_stats=str(stats))
+    with np.load(stats) as npz:
+        assert set(npz.files) == {"mu", "sigma"} and npz["sigma"].dtype == np.float64
+    from_images = _evaluate(sets, tmp_path, metrics=["fid"])["metrics"]["fid"]
+    from_stats = _evaluate(sets, tmp_path, reference=str(stats), metrics=["fid"])["metrics"]["fid"]
+    assert from_stats == pytest.approx(from_images, rel=1e-5, abs=1e-5)
+
+
+def test_reference_features_are_cached_with_provenance(sets, tmp_path):
+    first = _evaluate(sets, tmp_path, metrics=["fid"])
+    cache = first["provenance"]["reference"]["cache"]
+    assert Path(cache).is_file() and Path(cache).with_suffix(".json").is_file()
+    assert json.loads(Path(cache).with_suffix(".json").read_text())["count"] == N
+    again = _evaluate(sets, tmp_path, metrics=["fid"])
+    assert again["metrics"]["fid"] == first["metrics"]["fid"]
+
+
+def test_npz_images_stream_in_chunks(sets):
+    images = NpzImages(sets["root"] / "a.npz")
+    got = np.concatenate(list(images.batches(chunk=7)))
+    assert np.array_equal(got, sets["a"])
+    feats = Inception(str(sets["weights"]), batch_size=5).features(images.batches(limit=10, chunk=3))
+    assert feats["2048"].shape == (10, 2048)
+
+
+def _bad_inputs(root: Path) -> list[tuple[list[str], str]]:
+    np.savez(root / "float.npz", arr_0=np.zeros((4, 32, 32, 3), np.float32))
+    np.savez(root / "noarr.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
+    np.savez(root / "mu_only.npz", mu=np.zeros(2048))
+    np.savez(root / "big.npz", arr_0=np.zeros((N, 64, 64, 3), np.uint8))
+    return [
+        (["samples=float.npz"], "samples=float.npz: arr_0 is float32 [4, 32, 32, 3]; expected uint8 images"),
+        (["samples=noarr.npz"], "samples=noarr.npz has no arr_0 (images); it holds images"),
+        (["reference=mu_only.npz"], "reference=mu_only.npz holds mu or sigma but not both"),
+        (["reference=big.npz"], "samples=a.npz are 32x32 but reference=big.npz is 64x64"),
+        (["num_samples=50000"], f"samples=a.npz holds {N} images, fewer than num_samples=50000"),
+        (["metrics=[fid,sfid]"], "metrics=['fid', 'sfid']: sfid is not a metric; use any of fid, isc, kid, prc"),
+        (["reference=null"], "metrics=['fid'] need reference="),
+    ]
+
+
+def test_bad_input_is_one_line_and_nonzero_exit(sets):
+    root = sets["root"]
+    for args, message in _bad_inputs(root):
+        argv = [str(ROOT / "evaluate.py"), "samples=a.npz", "reference=b.npz", "metrics=[fid]", "device=cpu"]
+        argv += [f"inception_weights={sets['weights']}", "cache_dir=null", *args]
+        result = _run(root, argv)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+
+
+def test_offline_inception_download_names_the_url_and_the_option(sets, tmp_path):
+    argv = [str(ROOT / "evaluate.py"), f"samples={sets['root'] / 'a.npz'}", "metrics=[isc]", "device=cpu"]
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }
+    result = _run(tmp_path, argv, **env)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "weights-inception-2015-12-05-6726825d.pth" in line and "set inception_weights=<file>" in line
