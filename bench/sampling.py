@@ -4,7 +4,8 @@
 
 Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on the quickstart's UNet
 (`unet_tiny`) and on `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32,
-CFG w = 2 (two halves in one batch), each sampler at its configured number of steps.
+CFG w = 2 (two halves in one batch), every sampler at the quickstart's 20 steps (its experiment sets them;
+Heun makes 2 evaluations per step), DDPM at 250.
 Inception: this project's `Inception.features` on uint8 batches streamed from an npz, next to
 `torch_fidelity.calculate_metrics(isc=True)` on the same images as a folder of PNGs, same weights file
 (random weights in torch-fidelity's format: the real file cannot be downloaded here; the compute is the same).
@@ -29,7 +30,15 @@ sys.path.insert(0, str(ROOT))
 from tests.artefacts import make_inception_weights  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
-SAMPLERS = ["dpm_solver", "ddim", "euler", "heun", "ddpm"]
+# (sampler, steps): the quickstart's 20 steps, except DDPM (its cost is linear in steps)
+SAMPLERS = [
+    ("dpm_solver", None),
+    ("dpm_solver_uvit", None),
+    ("ddim", None),
+    ("euler", None),
+    ("heun", None),
+    ("ddpm", 250),
+]
 
 
 def bench_sampling(batch: int) -> list[dict]:
@@ -39,20 +48,22 @@ def bench_sampling(batch: int) -> list[dict]:
     from latentdiff.training import build_module
 
     rows = []
-    for model, name in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
-        cfg = compose_config([f"sampler={name}", f"model={model}"])
+    for model, (name, steps) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
+        cfg = compose_config([f"sampler={name}", f"model={model}"] + ([f"sampler.steps={steps}"] if steps else []))
         module = build_module(cfg).eval()
         module.latent_shape = (3, 32, 32)
         steps = int(cfg.sampler.steps)
         sampler = module_sampler(module, instantiate(cfg.sampler.scheduler), steps, guidance_scale=2.0)
+        evaluations = sampler.steps * 2 - 1 if name == "heun" else sampler.steps
         indices = list(range(batch))
         labels = class_labels(indices, 4, 0)
         sampler.images(indices[:4], labels[:4])  # warm-up
         start = time.perf_counter()
         sampler.images(indices, labels)
         seconds = time.perf_counter() - start
-        rows.append({"model": model, "sampler": name, "steps": steps, "images_per_s": batch / seconds})
-        print(f"sampling {model:10s} {name:10s} {steps:5d} steps  {batch / seconds:8.2f} img/s", flush=True)
+        row = {"model": model, "sampler": name, "steps": steps, "evaluations": evaluations}
+        rows.append({**row, "images_per_s": batch / seconds})
+        print(f"sampling {model:10s} {name:16s} {steps:5d} steps {batch / seconds:8.2f} img/s", flush=True)
     return rows
 
 
@@ -92,7 +103,7 @@ def bench_inception(count: int, tmp: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "sampling.json"))
     args = parser.parse_args()

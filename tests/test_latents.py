@@ -19,17 +19,23 @@ from latentdiff.autoencoder import FrozenAutoencoderKL
 from latentdiff.config import ConfigError, register_resolvers
 from latentdiff.data import ImageFolderSource, LatentDataModule, LatentStore, StoreError, center_crop_arr
 from latentdiff.extract import run_extraction
+from latentdiff.sampling import run_sampling
 from latentdiff.training import run_training
 
 from .artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
 from .conftest import CONF_DIR, compose_config
 
 
-def compose_extract(overrides: list[str]):
+def compose_entry(name: str, overrides: list[str]):
+    """An entry config (conf/<name>.yaml: extract, sample) composed as its script composes it."""
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="extract", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_extract(overrides: list[str]):
+    return compose_entry("extract", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +278,18 @@ def test_training_on_a_store(art, tmp_path, name, overrides):
     assert (run / "samples/step_0000002.png").is_file()
     if "t2i" in name:
         assert (run / "samples/prompts.txt").read_text().splitlines()[0].endswith("on a dark background")
+        # sample.py on a text model: prompts are the store's (image, caption) pairs, recorded per index
+        overrides = ["sampler.steps=2"]
+        out = tmp_path / "t2i_samples"
+        args = [f"ckpt={run / 'last.ckpt'}", "num_samples=5", "batch_size=2", f"out={out}", *overrides]
+        result = run_sampling(compose_entry("sample", args), overrides)
+        with np.load(out / "samples.npz") as npz:
+            assert npz.files == ["arr_0"] and npz["arr_0"].shape == (5, 32, 32, 3)
+        captions = (out / "captions.txt").read_text().splitlines()
+        store = LatentStore(art["coco_store"])
+        every = {c for i in range(len(store)) for c in store.captions(i)}
+        assert len(captions) == 5 and set(captions) <= every and len(set(captions)) > 1
+        assert result["prompts"]["captions"] == len([c for i in range(len(store)) for c in store.captions(i)])
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -14,7 +14,32 @@ import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 
-class SampleGrid(L.Callback):
+class _SamplingCallback(L.Callback):
+    """A callback that samples the module's EMA backbone with a configured sampler (`conf/sampler`)."""
+
+    scheduler_partial: Callable
+    steps: int
+    guidance_scale: float
+    guidance_interval: list[float] | None
+    step_kwargs: dict[str, Any]
+    seed: int
+
+    def sampler(self, pl_module):
+        """The `ImageSampler` of the module's sampling (EMA) backbone with this callback's settings."""
+        from latentdiff.generation import module_sampler
+
+        return module_sampler(
+            pl_module,
+            self.scheduler_partial,
+            self.steps,
+            self.guidance_scale,
+            guidance_interval=self.guidance_interval,
+            step_kwargs=self.step_kwargs,
+            seed=self.seed,
+        )
+
+
+class SampleGrid(_SamplingCallback):
     """Every `every_n_steps` optimizer steps (and at the end), sample a grid with the EMA backbone.
 
     Rows are classes (class-conditional data) and columns are samples; unconditional runs give a square
@@ -88,20 +113,11 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def make_grid(self, pl_module) -> torch.Tensor:
         """Sample and decode the grid; returns a (3, H, W) float image in [0, 1]."""
-        from latentdiff.generation import module_sampler
-
         cond, ncol = self._conditions(pl_module)
         count = len(cond) if cond is not None else self.num_samples
-        sampler = module_sampler(
-            pl_module,
-            self.scheduler_partial,
-            self.steps,
-            self.guidance_scale,
-            guidance_interval=self.guidance_interval,
-            step_kwargs=self.step_kwargs,
-            seed=self.seed,
-        )
-        images = sampler.images(list(range(count)), cond).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+        images = (
+            self.sampler(pl_module).images(list(range(count)), cond).permute(0, 3, 1, 2).float() / 255
+        )  # (B, 3, H, W)
         return torchvision.utils.make_grid(images, nrow=ncol, padding=2, pad_value=1.0)
 
     def _save(self, trainer: L.Trainer, pl_module) -> None:
@@ -197,7 +213,7 @@ def metric_name(num_samples: int) -> str:
     return f"val/fid_{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"val/fid_{n}"
 
 
-class FID(L.Callback):
+class FID(_SamplingCallback):
     """Every `every_n_steps` optimizer steps, FID of `num_samples` EMA samples against `reference`.
 
     The samples are made as `sample.py` makes them (per-index seeds, uniform random classes or the held-out
@@ -274,7 +290,7 @@ class FID(L.Callback):
     @torch.no_grad()
     def compute(self, trainer: L.Trainer, pl_module) -> float:
         """FID-N of the module's sampling (EMA) backbone; the same value is returned on every rank."""
-        from latentdiff.generation import PromptSet, conditions_for, module_sampler
+        from latentdiff.generation import PromptSet, conditions_for
         from latentdiff.metrics import FID_LAYER, compute_metrics
 
         rank, world = trainer.global_rank, trainer.world_size
@@ -288,15 +304,7 @@ class FID(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            sampler = module_sampler(
-                pl_module,
-                self.scheduler_partial,
-                self.steps,
-                self.guidance_scale,
-                guidance_interval=self.guidance_interval,
-                step_kwargs=self.step_kwargs,
-                seed=self.seed,
-            )
+            sampler = self.sampler(pl_module)
             feats = []
             for start in range(0, per_rank, self.batch_size):
                 indices = mine[start : start + self.batch_size]

@@ -34,7 +34,45 @@ Backbone = Callable[..., torch.Tensor]
 Generators = torch.Generator | list[torch.Generator] | None
 
 
-class GaussianDiffusion:
+class _Objective:
+    """What the training objectives share: the loss is the (weighted) MSE between the backbone's output on the
+    noised input and the objective's target. Subclasses define `noisy`, `model_timesteps`, `target`,
+    `loss_weight` and `sample_timesteps`."""
+
+    def loss(
+        self,
+        model: Backbone,
+        x0: torch.Tensor,
+        cond: torch.Tensor | None,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of `model` on clean latents x0.
+
+        Args:
+            model: backbone, called as model(x_t, timesteps, cond).
+            x0: clean latents (B, C, h, w).
+            cond: class ids (B,), text features (B, L, D) or None.
+            t: timesteps (B,) as `sample_timesteps` draws them; drawn when None.
+            eps: noise like x0; drawn when None.
+            generator: RNG for t and eps (for fixed validation noise).
+
+        Returns:
+            The weighted mean loss (scalar) and the unweighted per-sample MSE (B,).
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.noisy(x0, eps, t)  # (B, C, h, w)
+        pred = model(x_t, self.model_timesteps(t), cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
+        pred = pred[:, : x0.shape[1]]  # the mean part; a learned variance would need its own VLB term
+        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.loss_weight(t) * mse).mean(), mse.detach()
+
+
+class GaussianDiffusion(_Objective):
     """Training objective for a discrete-time Gaussian diffusion defined by a diffusers `DDPMScheduler`.
 
     Args:
@@ -96,40 +134,15 @@ class GaussianDiffusion:
         """Uniform integer timesteps (B,) in [0, N)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
 
-    def loss(
-        self,
-        model: Backbone,
-        x0: torch.Tensor,
-        cond: torch.Tensor | None,
-        t: torch.Tensor | None = None,
-        eps: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diffusion loss of `model` on clean latents x0.
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (the scheduler's `add_noise`)."""
+        return self.scheduler.add_noise(x0, eps, t)
 
-        Args:
-            model: backbone, called as model(x_t, t, cond).
-            x0: clean latents (B, C, h, w).
-            cond: class ids (B,), text features (B, L, D) or None.
-            t: timesteps (B,); drawn uniformly when None.
-            eps: noise like x0; drawn when None.
-            generator: RNG for t and eps (for fixed validation noise).
-
-        Returns:
-            The weighted mean loss (scalar) and the unweighted per-sample MSE (B,).
-        """
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if eps is None:
-            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.scheduler.add_noise(x0, eps, t)  # (B, C, h, w)
-        pred = model(x_t, t, cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
-        pred = pred[:, : x0.shape[1]]  # the mean part; a learned variance would need its own VLB term
-        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
-        return (self.loss_weight(t) * mse).mean(), mse.detach()
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
-class FlowMatching:
+class FlowMatching(_Objective):
     """Rectified flow (Liu et al. 2023; Esser et al. 2024): x_t = (1 - t) x0 + t eps, velocity target eps - x0.
 
     t in [0, 1] is the noise level; the backbone sees t * num_train_timesteps, the timesteps of diffusers'
@@ -184,25 +197,17 @@ class FlowMatching:
         """The velocity d x_t / d t = eps - x0 (what `FlowMatchEulerDiscreteScheduler.step` integrates)."""
         return eps - x0
 
-    def loss(
-        self,
-        model: Backbone,
-        x0: torch.Tensor,
-        cond: torch.Tensor | None,
-        t: torch.Tensor | None = None,
-        eps: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow-matching loss of `model` on clean latents x0; arguments and return as `GaussianDiffusion.loss`."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if eps is None:
-            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) x0 + t eps."""
         t_ = t.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))  # (B, 1, 1, 1)
-        x_t = (1.0 - t_) * x0 + t_ * eps  # (B, C, h, w)
-        pred = model(x_t, t * self.num_timesteps, cond)[:, : x0.shape[1]]  # (B, C, h, w)
-        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
-        return mse.mean(), mse.detach()
+        return (1.0 - t_) * x0 + t_ * eps
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The backbone's timesteps: t * num_train_timesteps, as the FlowMatch* schedulers pass them."""
+        return t * self.num_timesteps
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones(t.shape, device=t.device)
 
 
 def is_flow_scheduler(scheduler_class: type) -> bool:
