@@ -79,6 +79,7 @@ def _quiet_known_warnings() -> None:
         r"Experiment logs directory .* exists and is not empty.*",  # config.yaml is written there first
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*does not have many workers.*",  # in-memory data needs none
+        r".*is not supported by the model summary.*",  # bf16-mixed: the summary's size estimate only
     ):
         warnings.filterwarnings("ignore", message=message)
 
