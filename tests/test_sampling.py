@@ -116,6 +116,8 @@ def test_sample_py_writes_adm_npz_pngs_provenance_and_resumes(quick_ckpt, tmp_pa
     assert "5 of 9 samples to make" in again.stdout + again.stderr
     extended = _npz(out / "samples.npz")
     assert extended["arr_0"].shape[0] == 9
+    done = _sample(tmp_path, *args, "num_samples=9", "batch_size=2")
+    assert done.returncode == 0 and "already holds the 9 samples asked for" in done.stdout + done.stderr
     assert (extended["arr_0"][:6].astype(int) - arrays["arr_0"].astype(int)).__abs__().max() <= 1
 
     # two processes share the indices; the images are those of one process

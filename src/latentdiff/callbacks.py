@@ -294,6 +294,9 @@ class FID(_SamplingCallback):
         from latentdiff.metrics import FID_LAYER, compute_metrics
 
         rank, world = trainer.global_rank, trainer.world_size
+        if self._inception.device != pl_module.device:  # setup ran before the strategy moved the module
+            self._inception.model.to(pl_module.device)
+            self._inception.device = pl_module.device
         per_rank = math.ceil(self.num_samples / world)
         mine = list(range(rank, self.num_samples, world))
         valid = len(mine)

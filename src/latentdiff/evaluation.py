@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         write_statistics(cfg.write_stats, features["2048"])
         log.info("wrote the statistics of %d samples to %s", n, cfg.write_stats)
     values = compute_metrics(features, reference, metrics, options) if metrics else {}
+    values = {k: v if math.isfinite(v) else None for k, v in values.items()}  # strict JSON: no NaN
     record = {"metrics": values, "provenance": _provenance(cfg, n, inception, reference, options)}
     record["provenance"]["inception_images_per_s"] = n / seconds if seconds > 0 else None
     print(json.dumps(record, sort_keys=True), flush=True)

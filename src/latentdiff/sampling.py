@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -302,23 +301,11 @@ def _num_processes(devices: Any) -> int:
     return int(devices)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(local_rank: int, world: int, port: int, cfg: dict, overrides: list[str]) -> None:
+def _spawned(local_rank: int, world: int, cfg: dict, overrides: list[str]) -> None:
     """One of `devices=N` processes: the environment torchrun would set, then the same `run_sampling`."""
     import sys
 
-    os.environ.update(
-        RANK=str(local_rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(local_rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     if not torch.cuda.is_available():  # CPU processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
@@ -335,7 +322,7 @@ def _spawn(cfg: DictConfig, run: DictConfig, overrides: list[str], nprocs: int) 
     container["out"] = str(Path(cfg.out) if cfg.get("out") else _default_out(cfg, run))  # one folder for all
     container["devices"] = 1
     try:
-        mp.spawn(_spawned, args=(nprocs, _free_port(), container, overrides), nprocs=nprocs, join=True)
+        mp.spawn(_spawned, args=(nprocs, container, overrides), nprocs=nprocs, join=True)
     except mp.ProcessExitedException as err:
         raise SystemExit(err.exit_code or 1) from None  # the process printed its error
     result = json.loads((Path(container["out"]) / "samples.json").read_text())
@@ -370,12 +357,16 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
             _wait_for(out / "samples.json")
         _check_out(out, spec)
     del ckpt
+    n = int(cfg.num_samples)
+    previous = json.loads((out / "samples.json").read_text()) if (out / "samples.json").is_file() else {}
+    if previous.get("complete") and previous.get("num_samples") == n and (out / "samples.npz").is_file():
+        log.info("%s already holds the %d samples asked for; nothing to do", out / "samples.npz", n)
+        return {**previous, "out": str(out), "npz": str(out / "samples.npz")}
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json_atomic(out / "samples.json", spec)
     for folder in (out / "parts", *((out / "images",) if cfg.save_png else ())):
         folder.mkdir(parents=True, exist_ok=True)
-    n = int(cfg.num_samples)
     done = done_indices(out)
     todo = [i for i in range(n) if i % world == rank and i not in done]
     log.info("rank %d/%d: %d of %d samples to make on %s (%s)", rank, world, len(todo), n, device, out)
