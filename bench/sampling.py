@@ -1,6 +1,6 @@
 """Sampling and evaluation throughput: the quickstart model per sampler, and Inception features.
 
-    python bench/sampling.py [--batch 64] [--images 256] [--out outputs/bench/sampling.json]
+    python bench/sampling.py [--batch 32] [--images 256] [--out outputs/bench/sampling.json]
 
 Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on the quickstart's UNet
 (`unet_tiny`) and on `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32,

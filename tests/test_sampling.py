@@ -243,7 +243,20 @@ def test_model_pretrained_loads_weights_files_and_sets_the_official_offset(compo
     # official latent presets add 1 to t when they load weights (trained on n = t + 1), not when trained here
     assert compose_cfg(["model=uvit_h2"]).model.timestep_offset == 0
     assert compose_cfg(["model=uvit_h2", "model.pretrained=x.pth"]).model.timestep_offset == 1
+    assert compose_cfg(["model=uvit_h2", "model.pretrained=run/last.ckpt"]).model.timestep_offset == 0
+    assert compose_cfg(["model=uvit_h2", "model.pretrained=w.safetensors"]).model.timestep_offset == 0
     with pytest.raises(ValueError, match=r"model.pretrained=.*official.pth does not fit the configured UViT: "):
         build_backbone(compose_cfg([*TINY_RUN, "model.depth=4", f"model.pretrained={tmp_path / 'official.pth'}"]).model)
     with pytest.raises(FileNotFoundError, match="https://github.com/baofff/U-ViT#pretrained-models"):
         build_backbone(compose_cfg([*TINY_RUN, f"model.pretrained={tmp_path / 'missing.pth'}"]).model)
+
+
+def test_training_refuses_a_sampler_that_cannot_follow_the_objective_before_it_starts(compose_cfg):
+    from latentdiff.config import ConfigError
+
+    for overrides, message in (
+        (["diffusion=zero_snr", "sampler=heun"], "HeunDiscreteScheduler cannot follow the zero-terminal-SNR schedule"),
+        (["sampler.guidance_interval=[800,100]"], r"sampler.guidance_interval=\[800, 100\] must be \[low, high\]"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run_training(compose_cfg([*TINY_RUN, *overrides]))

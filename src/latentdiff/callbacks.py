@@ -58,7 +58,7 @@ class SampleGrid(_SamplingCallback):
         samples_per_class: columns of a class-conditional grid.
         num_samples: size of an unconditional grid.
         max_classes: at most this many class rows (ImageNet has 1000 classes); classes are evenly spaced.
-        seed: the sampling seed (sample i of the grid is sample i of `sample.py` with this seed).
+        seed: the sampling seed (the start noise of grid image i is that of `sample.py`'s sample i).
     """
 
     def __init__(
@@ -267,10 +267,18 @@ class FID(_SamplingCallback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Fail before training when the reference cannot be read (its features are made at the first FID,
+        on the module's device: the strategy has not moved the module yet here)."""
+        from latentdiff.metrics import open_images
+
+        open_images(self.reference_path, "callbacks.fid.reference")
+
+    def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         from latentdiff.metrics import Inception, load_reference
 
-        self._inception = Inception(self.inception_weights, pl_module.device, self.batch_size)
-        if trainer.is_global_zero:  # fail before training when the reference cannot be read
+        if self._inception is None:
+            self._inception = Inception(self.inception_weights, pl_module.device, self.batch_size)
+        if self._reference is None and trainer.is_global_zero:
             self._reference = load_reference(self.reference_path, self._inception, self.cache_dir, need_features=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -293,14 +301,12 @@ class FID(_SamplingCallback):
         from latentdiff.generation import PromptSet, conditions_for
         from latentdiff.metrics import FID_LAYER, compute_metrics
 
+        self._prepare(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
-        if self._inception.device != pl_module.device:  # setup ran before the strategy moved the module
-            self._inception.model.to(pl_module.device)
-            self._inception.device = pl_module.device
         per_rank = math.ceil(self.num_samples / world)
         mine = list(range(rank, self.num_samples, world))
         valid = len(mine)
-        mine += [mine[-1]] * (per_rank - valid)  # equal sizes for all_gather; the copies are dropped
+        mine += [mine[-1] if mine else 0] * (per_rank - valid)  # equal sizes for all_gather; copies are dropped
         prompts = None
         if getattr(pl_module, "null_text", None) is not None:
             prompts = PromptSet(trainer.datamodule.val_store)

@@ -19,6 +19,12 @@ def _with_null(num_classes: int) -> int:
     return int(num_classes) + 1 if int(num_classes) > 0 else -1
 
 
+def _official_offset(pretrained: str | None) -> int:
+    """U-ViT timestep offset for `model.pretrained`: 1 for an official release (`.pth`, trained on n = t + 1),
+    0 for no weights or weights trained here (a checkpoint `.ckpt`, `.safetensors`)."""
+    return 1 if pretrained is not None and str(pretrained).endswith(".pth") else 0
+
+
 def register_resolvers() -> None:
     """Register the `ld.*` resolvers once (idempotent)."""
     resolvers = {
@@ -26,7 +32,7 @@ def register_resolvers() -> None:
         "ld.div": lambda a, b: int(a) // int(b),
         "ld.mul": lambda a, b: a * b,
         "ld.add": lambda a, b: a + b,
-        "ld.if_null": lambda value, then, otherwise: then if value is None else otherwise,
+        "ld.official_offset": _official_offset,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

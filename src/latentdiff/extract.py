@@ -52,8 +52,13 @@ def _items(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
-    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+    """(rank, world size, local rank) from torchrun or SLURM variables; (0, 1, 0) otherwise.
+
+    SLURM counts only inside an `srun` step (SLURM_STEP_NUM_TASKS): a batch script's own shell is one process
+    even when the job has several tasks.
+    """
+    slurm = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), slurm):
         if rank in os.environ and world in os.environ:
             return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
     return 0, 1, 0

@@ -60,6 +60,13 @@ def check_labels(labels: Any, num_classes: int) -> None:
         raise ValueError(f"labels={labels} must be class ids in [0, {num_classes}) (or uniform / balanced)")
 
 
+def check_sampler(scheduler: Callable, train_scheduler: Any, guidance_interval: Sequence[float] | None) -> None:
+    """Raise one line when the sampler cannot follow the training objective or its guidance interval is wrong."""
+    if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
+        raise ValueError(f"sampler.guidance_interval={list(guidance_interval)} must be [low, high] with low <= high")
+    make_sampling_scheduler(scheduler, train_scheduler)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's `save_image` rounds."""
     return ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -96,15 +103,9 @@ class ImageSampler:
         step_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
     ):
-        if guidance_interval is not None and (
-            len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]
-        ):
-            raise ValueError(
-                f"sampler.guidance_interval={list(guidance_interval)} must be [low, high] with low <= high"
-            )
+        check_sampler(scheduler, train_scheduler, guidance_interval)
         self.backbone, self.autoencoder = backbone, autoencoder
         self.train_scheduler, self.scheduler_partial = train_scheduler, scheduler
-        make_sampling_scheduler(scheduler, train_scheduler)  # fail now if the sampler cannot follow the objective
         self.steps, self.latent_shape, self.null_cond = int(steps), tuple(latent_shape), null_cond
         self.guidance_scale = float(guidance_scale)
         self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
@@ -119,7 +120,7 @@ class ImageSampler:
         return self._device
 
     @torch.no_grad()
-    def latents(self, indices: Sequence[int], cond: torch.Tensor | None = None, progress: Callable | None = None):
+    def latents(self, indices: Sequence[int], cond: torch.Tensor | None = None) -> torch.Tensor:
         """Sampled latents (B, C, h, w) of `indices`; `cond` is (B,) class ids, (B, L, D) text features or None."""
         device = self.device
         noise = initial_noise(indices, self.latent_shape, self.seed).to(device)  # (B, C, h, w)
@@ -138,14 +139,18 @@ class ImageSampler:
             guidance_interval=self.guidance_interval,
             generator=step_generators,
             step_kwargs=self.step_kwargs,
-            progress=progress,
         )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 images of latents, decoded in float32 (outside any autocast of the backbone)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            return to_uint8(self.autoencoder.decode(latents.float()).clamp(-1, 1))
 
     @torch.no_grad()
     def images(self, indices: Sequence[int], cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, W, 3) uint8 images of `indices` on the CPU."""
-        latents = self.latents(indices, cond)
-        return to_uint8(self.autoencoder.decode(latents).clamp(-1, 1))
+        return self.decode(self.latents(indices, cond))
 
 
 def module_sampler(pl_module, scheduler: Callable, steps: int, guidance_scale: float = 1.0, **kwargs) -> ImageSampler:
@@ -223,6 +228,7 @@ def conditions_for(
 __all__ = [
     "ImageSampler",
     "PromptSet",
+    "check_sampler",
     "class_labels",
     "conditions_for",
     "index_generator",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,8 @@ class Inception:
         self.weights_file = inception_weights_file(weights)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # torch-fidelity's .cuda() uses the current device
         try:
             self.model = create_feature_extractor(
                 FEATURE_EXTRACTOR,
@@ -303,11 +306,16 @@ def _cached_features(
     features = inception.features(images.batches(), total=len(images))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp.npz")
+        tmp = cache_file.with_name(f".{cache_file.stem}.tmp-{os.getpid()}.npz")
         stats = fid_features_to_statistics(features[FID_LAYER])
         np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], **{k: v.numpy() for k, v in features.items()})
-        tmp.replace(cache_file)
-        cache_file.with_suffix(".json").write_text(json.dumps({**ident, "count": len(images)}, indent=1))
+        info, info_tmp = (
+            cache_file.with_suffix(".json"),
+            cache_file.with_name(f".{cache_file.stem}.tmp-{os.getpid()}.json"),
+        )
+        info_tmp.write_text(json.dumps({**ident, "count": len(images)}, indent=1))
+        info_tmp.replace(info)
+        tmp.replace(cache_file)  # last: a cache file is always complete and described
     return features, cache_file
 
 

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 RUN_GROUPS = ("model", "vae", "diffusion", "data", "module", "sampler")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # keys of samples.json that may differ when a folder is resumed or extended
-_NOT_IDENTITY = ("num_samples", "batch_size", "devices", "versions", "complete", "seconds", "images_per_s")
+_NOT_IDENTITY = ("num_samples", "batch_size", "versions", "complete")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -93,6 +93,8 @@ def _validate(cfg: DictConfig, run: DictConfig) -> None:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value} must be a positive integer")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} must be an integer >= 0")
     if str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision} is not supported; use one of {', '.join(PRECISIONS)}")
     steps = run.sampler.get("steps")
@@ -378,8 +380,9 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
             indices = todo[b : b + int(cfg.batch_size)]
             cond, record = conditions_for(indices, built["num_classes"], int(cfg.seed), _labels(cfg), prompts)
             context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-            with context:
-                images = sampler.images(indices, cond).numpy()  # (B, H, W, 3) uint8
+            with context:  # the backbone; the VAE decodes in float32
+                latents = sampler.latents(indices, cond)
+            images = sampler.decode(latents).numpy()  # (B, H, W, 3) uint8
             if cfg.save_png:
                 _write_pngs(out, indices, images)
             _write_part(out, rank, indices, images, record)
@@ -388,9 +391,11 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
     result = dict(spec)
     npz = assemble(out, n, class_conditional=built["num_classes"] > 0 and prompts is None)
     if npz is not None:
-        result.update(complete=True, npz=str(npz), seconds=seconds, images_per_s=len(todo) / seconds if todo else 0.0)
-        write_json_atomic(out / "samples.json", {k: v for k, v in result.items() if k != "npz"})
-        log.info("%s: %d samples (%d made now, %.2f img/s)", npz, n, len(todo), result["images_per_s"])
+        result.update(complete=True)
+        write_json_atomic(out / "samples.json", result)
+        result["npz"] = str(npz)
+        rate = len(todo) / seconds if todo and seconds > 0 else 0.0
+        log.info("%s: %d samples (%d made by this process, %.2f img/s)", npz, n, len(todo), rate)
     else:
         log.info("rank %d done (%d samples); the last process to finish writes samples.npz", rank, len(todo))
     result["out"] = str(out)

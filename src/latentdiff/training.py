@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.generation import check_sampler
 from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
 
@@ -108,6 +109,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             )
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
+        if cfg.get("sampler"):  # the grids and FID sample with it: fail now, not after hours of training
+            interval = cfg.sampler.get("guidance_interval")
+            check_sampler(instantiate(cfg.sampler.scheduler), module.diffusion.scheduler, interval)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
         empty_text = getattr(datamodule, "empty_text", None)

@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from latentdiff.utils import artefact_not_loaded
+
 _OFFICIAL_WEIGHTS = "https://github.com/baofff/U-ViT#pretrained-models"
 
 
@@ -86,7 +88,11 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
     path = Path(pretrained)
     name = type(backbone).__name__
     if path.is_dir() and hasattr(backbone, "diffusers_cls"):
-        state = {f"unet.{k}": v for k, v in backbone.diffusers_cls.from_pretrained(path).state_dict().items()}
+        try:
+            unet = backbone.diffusers_cls.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise artefact_not_loaded(key, str(pretrained), err) from None
+        state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     else:
         state = read_state_dict(path, key)
     check_fits(backbone, state, key, pretrained, f"the configured {name}")
