@@ -2,10 +2,9 @@
 
     python bench/sampling.py [--batch 32] [--images 256] [--out outputs/bench/sampling.json]
 
-Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on the quickstart's UNet
-(`unet_tiny`) and on `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32,
-CFG w = 2 (two halves in one batch), every sampler at the quickstart's 20 steps (its experiment sets them;
-Heun makes 2 evaluations per step), DDPM at 250.
+Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on `unet_tiny` and on the
+quickstart's `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32, CFG w = 2 (two
+halves in one batch), every sampler at 20 steps (Heun makes 2 evaluations per step), DDPM at 250.
 Inception: this project's `Inception.features` on uint8 batches streamed from an npz, next to
 `torch_fidelity.calculate_metrics(isc=True)` on the same images as a folder of PNGs, same weights file
 (random weights in torch-fidelity's format: the real file cannot be downloaded here; the compute is the same).
@@ -49,7 +48,9 @@ def bench_sampling(batch: int) -> list[dict]:
 
     rows = []
     for model, (name, steps) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
-        cfg = compose_config([f"sampler={name}", f"model={model}"] + ([f"sampler.steps={steps}"] if steps else []))
+        cfg = compose_config(
+            [f"sampler={name}", f"model={model}", f"sampler.steps={steps}", "sampler.guidance_scale=2"]
+        )
         module = build_module(cfg).eval()
         module.latent_shape = (3, 32, 32)
         steps = int(cfg.sampler.steps)

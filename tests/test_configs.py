@@ -92,7 +92,7 @@ def test_data_reshapes_the_backbone(compose_cfg):
 def test_default_is_the_quickstart(compose_cfg):
     cfg = compose_cfg([])
     assert cfg.name == "quickstart"
-    assert cfg.model._target_ == "latentdiff.models.unet.UNet" and cfg.vae._target_.endswith("IdentityAutoencoder")
+    assert cfg.model._target_ == "latentdiff.models.uvit.UViT" and cfg.vae._target_.endswith("IdentityAutoencoder")
     assert cfg.trainer.precision == "bf16-mixed" and cfg.diffusion.scheduler.prediction_type == "v_prediction"
 
 
