@@ -298,7 +298,6 @@ def sample_loop(
     guidance_interval: tuple[float, float] | None = None,
     generator: Generators = None,
     step_kwargs: dict[str, Any] | None = None,
-    progress: Callable | None = None,
 ) -> torch.Tensor:
     """Run a diffusers scheduler from pure noise to x0 with classifier-free guidance.
 
@@ -314,7 +313,6 @@ def sample_loop(
         generator: RNG of stochastic steps (DDPM, DDIM with eta > 0): one generator, or one per sample
             (then each sample's noise depends only on its own generator).
         step_kwargs: extra arguments of `scheduler.step` (e.g. eta for DDIM).
-        progress: optional wrapper of the timestep iterator (e.g. tqdm).
 
     Returns:
         x0 latents (B, C, h, w).
@@ -327,8 +325,7 @@ def sample_loop(
     kwargs = dict(step_kwargs or {})
     if generator is not None and "generator" in _step_params(scheduler):
         kwargs["generator"] = generator
-    timesteps = scheduler.timesteps
-    for t in progress(timesteps) if progress else timesteps:
+    for t in scheduler.timesteps:
         t_batch = t.expand(x.shape[0]).to(noise.device)  # (B,)
         x_in = scale_input(x, t) if scale_input is not None else x  # (B, C, h, w)
         w = guidance_scale

@@ -223,16 +223,3 @@ def conditions_for(
         ids = class_labels(indices, num_classes, seed, labels)
         return ids, ids.tolist()
     return None, [None] * len(indices)
-
-
-__all__ = [
-    "ImageSampler",
-    "PromptSet",
-    "check_sampler",
-    "class_labels",
-    "conditions_for",
-    "index_generator",
-    "initial_noise",
-    "module_sampler",
-    "to_uint8",
-]

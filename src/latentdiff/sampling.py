@@ -76,9 +76,9 @@ def run_config(cfg: DictConfig, overrides: list[str], stored: dict | None) -> Di
         run = OmegaConf.create({g: stored.get(g) for g in RUN_GROUPS})
         if run.model is not None:
             run.model.pretrained = None  # the checkpoint holds the weights
-        parsed = [(o.split("=", 1)[0].lstrip("+~"), o) for o in overrides if "=" in o and not o.startswith("hydra")]
-        choices = [k for k, _ in parsed if k in RUN_GROUPS]
-        keys = [k for k, _ in parsed if "." in k and k.split(".")[0] in RUN_GROUPS]
+        given = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o and not o.startswith("hydra")]
+        choices = [k for k in given if k in RUN_GROUPS]
+        keys = [k for k in given if "." in k and k.split(".")[0] in RUN_GROUPS]
         for group in choices:
             run[group] = OmegaConf.to_container(cfg[group], resolve=True)
         for key in keys:
