@@ -3,7 +3,13 @@ directory."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import re
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +18,9 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 
 class _SamplingCallback(L.Callback):
@@ -336,3 +345,150 @@ class FID(_SamplingCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = float(state_dict.get("best", float("inf")))
+
+
+class Preemption(L.Callback):
+    """SIGTERM and SIGUSR1 stop the run after the current batch with a checkpoint, and the process exits 0.
+
+    Lightning turns SIGTERM into a clean stop (all ranks agree); this callback gives SIGUSR1 the same meaning
+    (unless Lightning's SLURM auto-requeue already handles it: that saves `hpc_ckpt_*.ckpt` and requeues), and
+    writes `<dirpath>/<filename>` atomically when the stop happens. `python train.py ... resume=auto` (or
+    `resume=<run dir>`) continues from that step exactly.
+
+    Args:
+        dirpath: the run directory.
+        filename: the checkpoint written on a stop (`last.ckpt`: the run's latest state).
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        self.path = Path(dirpath) / filename
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Lightning has registered its handlers by now; SIGUSR1 is ours when nobody else handles it
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            connector = trainer._signal_connector
+
+            def stop(signum, frame) -> None:
+                log.info("received signal %d: stopping after this batch with a checkpoint", signum)
+                connector.received_sigterm = True
+
+            try:
+                self._previous = signal.signal(signal.SIGUSR1, stop)
+            except ValueError:  # not the main thread
+                self._previous = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            log.info("stopped by a signal at step %d; checkpoint %s", trainer.global_step, self.path)
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+
+class Checkpoint(L.Callback):
+    """The run's checkpoints, written atomically (the run's `AtomicCheckpointIO`).
+
+    - every `every_n_train_steps` optimizer steps: `step_<step>.ckpt`, of which the last `keep_last` are kept,
+      and `last.ckpt` (a hard link to the same file where the file system allows, else a second write);
+    - every `every_n_minutes` of training in between, and when training ends: `last.ckpt`.
+
+    `last.ckpt` is always the latest saved state; `resume=auto` picks the highest step among all of them.
+
+    Args:
+        dirpath: the run directory.
+        every_n_train_steps: period of the step checkpoints (0: none).
+        keep_last: step checkpoints kept (-1: all, 0: none, only last.ckpt).
+        every_n_minutes: period of the timed `last.ckpt` refresh (null or 0: off).
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int = 5000,
+        keep_last: int = 3,
+        every_n_minutes: float | None = 30.0,
+    ):
+        if every_n_train_steps < 0:
+            raise ValueError(f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps} must be >= 0")
+        if keep_last < -1:
+            raise ValueError(f"callbacks.checkpoint.keep_last={keep_last} must be -1 (all), 0 or a positive integer")
+        if every_n_minutes is not None and every_n_minutes < 0:
+            raise ValueError(f"callbacks.checkpoint.every_n_minutes={every_n_minutes} must be >= 0 (or null: off)")
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps, self.keep_last = int(every_n_train_steps), int(keep_last)
+        self.every_n_seconds = float(every_n_minutes) * 60 if every_n_minutes else None
+        self._last_saved_step = -1
+        self._last_time = time.monotonic()
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def step_path(self, step: int) -> Path:
+        return self.dirpath / f"step_{step:07d}.ckpt"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._last_time = time.monotonic()
+        self._last_saved_step = trainer.global_step  # a resumed run does not rewrite the checkpoint it came from
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_saved_step or trainer.fit_loop._should_accumulate():
+            return
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0:
+            self.save(trainer, with_step=True)
+            return
+        due = self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
+        if trainer.strategy.broadcast(due):  # rank 0 decides, so every rank saves together
+            self.save(trainer, with_step=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step != self._last_saved_step:
+            self.save(trainer, with_step=False)
+
+    def save(self, trainer: L.Trainer, with_step: bool) -> None:
+        """Write `step_<step>.ckpt` (with_step) and `last.ckpt`; prune old step checkpoints (rank 0)."""
+        step = trainer.global_step
+        if with_step and self.keep_last != 0:
+            path = self.step_path(step)
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                self._link_last(path, trainer)
+                self._prune()
+        else:
+            trainer.save_checkpoint(self.last)
+        trainer.strategy.barrier("latentdiff.checkpoint")
+        self._last_saved_step, self._last_time = step, time.monotonic()
+
+    def _link_last(self, path: Path, trainer: L.Trainer) -> None:
+        tmp = self.dirpath / f".last.ckpt.link-{os.getpid()}"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, self.last)
+        except OSError:  # no hard links here: write it again (atomically)
+            tmp.unlink(missing_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(
+                trainer._checkpoint_connector.dump_checkpoint(), self.last
+            )
+
+    def _prune(self) -> None:
+        if self.keep_last < 0:
+            return
+        pattern = re.compile(r"step_(\d+)\.ckpt$")
+        steps = sorted(
+            (int(m.group(1)), p) for p in self.dirpath.glob("step_*.ckpt") if (m := pattern.search(p.name))
+        )
+        for _, path in steps[: max(len(steps) - self.keep_last, 0)]:
+            path.unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_saved_step": self._last_saved_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._last_saved_step = int(state.get("last_saved_step", -1))

@@ -44,6 +44,8 @@ def hydra_entry(
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from latentdiff.module import NonFiniteError
+
     register_resolvers()
     debug = os.environ.get("LATENTDIFF_DEBUG") == "1"
     try:
@@ -65,5 +67,10 @@ def hydra_entry(
             if cleanup_run_dir:
                 _remove_if_untouched(Path(HydraConfig.get().runtime.output_dir))
             sys.exit(2)
+        except NonFiniteError as err:  # the run's checkpoints hold its last good state
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(3)
 
     main()

@@ -37,6 +37,12 @@ def register_resolvers() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    # the run directory is decided once per process (it reads the clock and the disk)
+    from latentdiff.checkpoint import hydra_subdir, run_dir
+
+    for name, fn in (("ld.run_dir", run_dir), ("ld.hydra_subdir", hydra_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
 
 
 class ConfigError(ValueError):

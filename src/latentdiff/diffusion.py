@@ -187,10 +187,12 @@ class FlowMatching(_Objective):
 
     def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
         """Noise levels t (B,) in (0, 1), float32."""
+        where = generator.device if generator is not None else device  # draw where the generator lives
         if self.time_sampling == "uniform":
-            t = torch.rand((batch_size,), generator=generator)
+            t = torch.rand((batch_size,), generator=generator, device=where)
         else:
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn((batch_size,), generator=generator))
+            z = torch.randn((batch_size,), generator=generator, device=where)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return t.to(device)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,66 @@
-"""Logger factories that need a decision at run time (wandb online or offline)."""
+"""Loggers: metrics.csv written atomically and kept across resumes; wandb online or offline, resumable."""
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _RunCSVWriter(ExperimentWriter):
+    """`metrics.csv` rewritten whole into a temporary file and renamed at every save (a crash never leaves a
+    half-written file). A resumed run keeps the rows logged before its checkpoint's step and drops the later
+    ones (they are logged again), so the file reads as if the run had never stopped."""
+
+    def __init__(self, log_dir: str, keep_before_step: int | None = None) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.metrics_keys: list[str] = []
+        self.hparams: dict[str, Any] = {}
+        self.log_dir = log_dir
+        self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
+        os.makedirs(log_dir, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        if keep_before_step is not None and os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.metrics_keys = list(reader.fieldnames or [])
+                self.rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < keep_before_step]
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        self.rows.extend(self.metrics)
+        self.metrics = []
+        tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger` writing `<save_dir>/metrics.csv` atomically; `resume_step` (set by the training
+    entry when it resumes) keeps the history logged before that step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _RunCSVWriter:
+        if self._experiment is None:
+            self._experiment = _RunCSVWriter(self.log_dir, keep_before_step=self.resume_step)
+        return self._experiment
+
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -22,14 +75,17 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def wandb_logger(mode: str | None = None, **kwargs: Any) -> WandbLogger:
+def wandb_logger(mode: str | None = None, id: str | None = None, **kwargs: Any) -> WandbLogger:
     """A `WandbLogger` that never prompts: online only when logged in, or when `mode` says so.
 
     Args:
         mode: "online", "offline", "disabled", or None to choose (WANDB_MODE if set, else online when
             logged in, else offline; sync offline runs later with `wandb sync <run dir>/wandb/offline-run-*`).
+        id: the wandb run id to continue (a resumed training run passes its checkpoint's).
         **kwargs: passed to `WandbLogger` (project, name, save_dir, tags, ...).
     """
+    if id is not None:
+        kwargs.update(id=str(id), resume="allow")
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} is not supported; use one of {', '.join(WANDB_MODES)}")

@@ -7,16 +7,22 @@ dropped from every state dict: checkpoints hold the backbone, the EMA copy, opti
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from latentdiff.data.order import generator_for
 from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.ema import EMA
+
+log = logging.getLogger(__name__)
 
 _FROZEN_PREFIX = "autoencoder."
 
@@ -37,6 +43,13 @@ class DiffusionModule(L.LightningModule):
         compile: `torch.compile` the backbone's training forward (False, True, or a dict of compile kwargs).
         run_config: the resolved run config (plain containers), stored in every checkpoint.
         val_seed: seed of the fixed noise and timesteps used for `val/loss`, so it compares across steps.
+        seed: the run's seed. The training noise, timesteps, posterior draws and label dropout of a step come
+            from a generator seeded by (seed, rank, step, batch index), so they do not depend on any RNG
+            state: a resumed run draws exactly what the uninterrupted run draws.
+        nonfinite: what to do with a step whose loss or gradient is NaN/Inf: `{"policy": "skip", "max_skips": K}`
+            skips the update (weights, optimizer and EMA unchanged) and stops the run with an error after K
+            consecutive skipped steps, before any checkpoint holds them; `{"policy": "stop"}` stops at the
+            first; `{"policy": "off"}` checks nothing.
     """
 
     def __init__(
@@ -52,6 +65,8 @@ class DiffusionModule(L.LightningModule):
         compile: bool | dict = False,
         run_config: dict | None = None,
         val_seed: int = 1234,
+        seed: int = 0,
+        nonfinite: dict | None = None,
     ):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
@@ -64,7 +79,12 @@ class DiffusionModule(L.LightningModule):
         self.num_classes, self.p_uncond = int(num_classes), float(p_uncond)
         self.compile_options = compile
         self.run_config = run_config
-        self.val_seed = val_seed
+        self.val_seed, self.seed = val_seed, int(seed)
+        self.guard = NonFiniteGuard(**(nonfinite or {}))
+        self._step_loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
+        self._step_indices: list[torch.Tensor] = []  # dataset indices of this step's micro-batches
+        self._skipped = False
+        self._rng_to_restore: dict | None = None
         self.register_buffer("null_text", None, persistent=False)  # set by text datamodules (empty prompt)
         self._train_forward: Callable = backbone
         self._register_state_dict_hook(_drop_frozen_keys)
@@ -102,11 +122,11 @@ class DiffusionModule(L.LightningModule):
             return cond.float()  # text features are stored in fp16; autocast picks the compute dtype
         return cond if self.num_classes > 0 else None  # class ids of an unconditional run are ignored
 
-    def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+    def drop_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Replace each condition by the null condition with probability `p_uncond` (CFG training)."""
         if cond is None or self.p_uncond == 0.0:
             return cond
-        drop = torch.rand(cond.shape[0], device=cond.device) < self.p_uncond  # (B,)
+        drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < self.p_uncond  # (B,)
         return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), self.null_cond(cond), cond)
 
     def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -116,22 +136,49 @@ class DiffusionModule(L.LightningModule):
         return self.autoencoder.sample(self.autoencoder.encode_moments(batch["image"]), generator=generator)
 
     # -------------------------------------------------------------------------------------- training
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator of one training micro-batch: a function of (seed, rank, step, batch index) only."""
+        return generator_for(self.seed, self.global_rank, self.trainer.global_step, batch_idx, device=self.device)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x0 = self.latents(batch)  # (B, C, h, w)
-        cond = self.drop_cond(self.batch_cond(batch))
-        loss, _ = self.diffusion.loss(self._train_forward, x0, cond)
+        generator = self.step_generator(batch_idx)
+        x0 = self.latents(batch, generator=generator)  # (B, C, h, w)
+        cond = self.drop_cond(self.batch_cond(batch), generator)
+        loss, _ = self.diffusion.loss(self._train_forward, x0, cond, generator=generator)
+        finite = torch.isfinite(loss.detach())
+        self._step_loss_finite = finite if self._step_loss_finite is None else self._step_loss_finite & finite
+        if "index" in batch:
+            self._step_indices.append(batch["index"].detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        loss_finite, self._step_loss_finite = self._step_loss_finite, None
+        indices, self._step_indices = self._step_indices, []
+        self._skipped = False
+        if self.guard.policy != "off":
+            # fp16 loss scaling produces Inf gradients by design (the scaler skips those steps): only the loss
+            grad_ok = str(self.trainer.precision) == "16-mixed" or bool(torch.isfinite(norm))
+            loss_ok = loss_finite is None or bool(loss_finite)
+            if not (grad_ok and loss_ok):
+                what = "loss" if not loss_ok else "gradient"
+                batch = torch.cat(indices).tolist() if indices else []
+                self.guard.nonfinite(what, self.trainer.global_step + 1, self.trainer.current_epoch, batch)
+                for p in self.backbone.parameters():
+                    p.grad = None  # the optimizer leaves parameters without gradients untouched
+                self._skipped = True
+                self.log("train/nonfinite_steps", float(self.guard.total), batch_size=1)
+                return
+            self.guard.finite()
         if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            norm = grad_norm(self.backbone, norm_type=2)["grad_2.0_norm_total"]
             self.log("train/grad_norm", norm, batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Lightning calls this once per real optimizer step (after gradient accumulation)
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and not self._skipped:
             self.ema.update(self.backbone, self.trainer.global_step - 1)  # global_step already counts this one
 
     # ------------------------------------------------------------------------------------ validation
@@ -164,7 +211,26 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from latentdiff.utils import framework_versions
 
-        checkpoint["latentdiff"] = {"config": self.run_config, "versions": framework_versions()}
+        checkpoint["latentdiff"] = {
+            "config": self.run_config,
+            "versions": framework_versions(),
+            "rng": rng_states(),
+            "nonfinite": self.guard.state_dict(),
+        }
+        wandb = [lg for lg in (self.trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)]
+        if wandb:
+            checkpoint["latentdiff"]["wandb_id"] = str(wandb[0].version)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("latentdiff", {})
+        self.guard.load_state_dict(meta.get("nonfinite", {}))
+        self._rng_to_restore = meta.get("rng")
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the global RNG streams (torch, CUDA, numpy, python) where they were saved."""
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     @property
     def sampling_backbone(self) -> nn.Module:
@@ -180,3 +246,81 @@ def _drop_frozen_keys(module: nn.Module, state_dict: dict, prefix: str, local_me
 def _ignore_missing_frozen_keys(module: nn.Module, incompatible_keys: Any) -> None:
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not k.startswith(_FROZEN_PREFIX)]
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on NaN/Inf; the message names the step, the epoch and the batch's dataset indices."""
+
+
+class NonFiniteGuard:
+    """Counts steps with a non-finite loss or gradient and decides when to stop (see `DiffusionModule`).
+
+    Args:
+        policy: "skip" (skip up to `max_skips` consecutive steps), "stop" (stop at the first), "off".
+        max_skips: consecutive skipped steps allowed before the run stops.
+    """
+
+    POLICIES = ("skip", "stop", "off")
+
+    def __init__(self, policy: str = "skip", max_skips: int = 5):
+        if policy not in self.POLICIES:
+            raise ValueError(
+                f"module.nonfinite.policy={policy!r} is not allowed; use one of {', '.join(self.POLICIES)}"
+            )
+        if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
+            raise ValueError(f"module.nonfinite.max_skips={max_skips!r} must be an integer >= 0")
+        self.policy, self.max_skips = policy, max_skips
+        self.consecutive, self.total = 0, 0
+
+    def nonfinite(self, what: str, step: int, epoch: int, indices: list[int]) -> None:
+        """Record a bad step; raise `NonFiniteError` when the policy says stop."""
+        self.consecutive += 1
+        self.total += 1
+        shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+        where = f"non-finite {what} at step {step} (epoch {epoch}, dataset indices [{shown}])"
+        if self.policy == "stop" or self.consecutive > self.max_skips:
+            limit = "" if self.policy == "stop" else f" after {self.max_skips} consecutive skipped steps"
+            raise NonFiniteError(
+                f"{where}: training stopped{limit} (module.nonfinite.policy={self.policy}); the last checkpoint "
+                "holds the last good state -- lower optim.lr, check the data, or raise module.nonfinite.max_skips"
+            )
+        log.warning("%s: update skipped (%d of %d consecutive allowed)", where, self.consecutive, self.max_skips)
+
+    def finite(self) -> None:
+        self.consecutive = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consecutive, self.total = int(state.get("consecutive", 0)), int(state.get("total", 0))
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, python) as tensors and plain containers (weights_only-safe)."""
+    _kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` saved (the CUDA states only when the device count matches)."""
+    torch.set_rng_state(states["torch"].cpu())
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])

@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from latentdiff.checkpoint import load_checkpoint
 from latentdiff.config import ConfigError, check_sampler_fits
 from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
@@ -46,23 +47,6 @@ _NOT_IDENTITY = ("num_samples", "batch_size", "versions", "complete")
 
 
 # ------------------------------------------------------------------------------------------- config
-def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
-    """A checkpoint of this project (weights_only), with a one-line error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"{key}={path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "latentdiff" not in ckpt:
-        raise ConfigError(
-            f"{key}={path} is not a latentdiff training checkpoint (no run config inside); "
-            "for a plain weights file use model=<preset> model.pretrained=<file>"
-        )
-    return ckpt
-
-
 def run_config(cfg: DictConfig, overrides: list[str], stored: dict | None) -> DictConfig:
     """The model/vae/diffusion/data/module/sampler config to sample with.
 

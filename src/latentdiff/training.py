@@ -14,8 +14,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, latest_checkpoint, load_checkpoint
 from latentdiff.config import ConfigError, validate_train_config
 from latentdiff.generation import check_sampler
+from latentdiff.loggers import RunCSVLogger
 from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
 
@@ -59,18 +61,49 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         if isinstance(cfg.module.compile, DictConfig)
         else cfg.module.compile,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
+        nonfinite=OmegaConf.to_container(cfg.module.nonfinite) if cfg.module.get("nonfinite") else None,
     )
     module.latent_shape = (cfg.data.latent_channels, cfg.data.latent_size, cfg.data.latent_size)
     return module
 
 
-def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+def _check_run_dir(run_dir: Path) -> None:
     existing = [name for name in _RUN_MARKERS if (run_dir / name).exists()]
-    if existing and not resuming:
+    if existing:
         raise ConfigError(
             f"paths.output_dir={run_dir} already holds a run ({', '.join(existing)}); "
-            "choose a new directory or resume with ckpt_path=<checkpoint>"
+            f"choose a new directory, or continue that run with resume={run_dir}"
         )
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
+    """The checkpoint to continue from and the config key that chose it (None: a fresh start).
+
+    - `ckpt_path=<file>`: that file (into a new run directory, or into the `resume` one).
+    - `resume=auto|<run dir>`: the run directory's latest checkpoint; `auto` starts fresh when there is none.
+    - neither: a fresh run, which must not write into a directory that holds a run.
+    """
+    resume = cfg.get("resume")
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        if resume is None:
+            _check_run_dir(run_dir)
+        return Path(cfg.ckpt_path), "ckpt_path"
+    if resume is None:
+        _check_run_dir(run_dir)
+        return None, ""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        if str(resume) != "auto":
+            raise ConfigError(
+                f"resume={resume} holds no readable checkpoint (last.ckpt, step_*.ckpt); "
+                "use resume=auto, ckpt_path=<file>, or start a new run"
+            )
+        _check_run_dir(run_dir)
+        return None, ""
+    return found, "resume"
 
 
 def _quiet_known_warnings() -> None:
@@ -95,9 +128,18 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
         validate_train_config(cfg)
         run_dir = Path(cfg.paths.output_dir)
-        _check_run_dir(run_dir, resuming=cfg.get("ckpt_path") is not None)
-        if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        ckpt_path, ckpt_key = resume_point(cfg, run_dir)
+        resume_step, wandb_id = None, None
+        if ckpt_path is not None:
+            meta = load_checkpoint(ckpt_path, ckpt_key if ckpt_key == "ckpt_path" else "resume", mmap=True)
+            label = ckpt_path if ckpt_key == "ckpt_path" else f"{cfg.resume} ({ckpt_path.name})"
+            check_resumable(
+                meta["latentdiff"].get("config"), OmegaConf.to_container(cfg, resolve=True), ckpt_key, label
+            )
+            resume_step, wandb_id = int(meta.get("global_step", 0)), meta["latentdiff"].get("wandb_id")
+            del meta
+            if wandb_id and OmegaConf.select(cfg, "logger.wandb") is not None:
+                cfg.logger.wandb.id = wandb_id
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -119,10 +161,15 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             module.null_text = empty_text  # (L, D): the null condition of text runs
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for logger in loggers:
+            if isinstance(logger, RunCSVLogger):
+                logger.resume_step = resume_step  # keep the history before the checkpoint
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps its first one
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     num_params = sum(p.numel() for p in module.backbone.parameters())
     log.info(
@@ -131,6 +178,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         num_params / 1e6,
         run_dir,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if ckpt_path is not None:
+        log.info("resuming from %s (step %d)", ckpt_path, resume_step)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"metrics": metrics, "run_dir": str(run_dir), "global_step": trainer.global_step}

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from latentdiff.autoencoder import same_encoder
+from latentdiff.data.order import key_uniform, split_item, train_loader
 from latentdiff.data.store import LatentStore
 
 
@@ -46,12 +47,20 @@ class LatentDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([item]).items()}
 
-    def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        index = self.indices[np.asarray(items, dtype=np.int64)]  # (B,)
+    def __getitems__(self, items: list[int] | list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        pairs = [split_item(item) for item in items]
+        index = self.indices[np.array([i for i, _ in pairs], dtype=np.int64)]  # (B,)
         shard, local = self.store.locate(index)
         b = len(index)
-        # torch's RNG: seeded per loader worker by torch (numpy's would repeat across forked workers)
-        view = torch.randint(0, self.views, (b,)).numpy() if self.random_views else np.zeros(b, dtype=np.int64)
+        # random views from each item's draw key (the training sampler's), never from a worker's RNG state:
+        # a batch is the same on any number of workers and after a resume
+        random = self.random_views and all(k is not None for _, k in pairs)
+        keys = np.array([k for _, k in pairs], dtype=np.uint64) if random else None
+        view = (
+            np.minimum((key_uniform(keys, 1) * self.views).astype(np.int64), self.views - 1)
+            if random
+            else np.zeros(b, dtype=np.int64)
+        )
         first = self.store.shards[0]
         moments = np.empty((b, *first.moments.shape[2:]), dtype=first.moments.dtype)  # (B, 2C, h, w)
         labels = np.empty(b, dtype=np.int64) if self.labels else None
@@ -65,7 +74,7 @@ class LatentDataset(Dataset):
                 labels[rows] = arrays.labels[loc]
             if text is not None:
                 start, stop = arrays.text_offsets[loc], arrays.text_offsets[loc + 1]
-                draw = torch.rand(len(rows)).numpy() if self.random_views else np.zeros(len(rows))
+                draw = key_uniform(keys[rows], 2) if random else np.zeros(len(rows))
                 pick = start + np.floor(draw * (stop - start)).astype(np.int64)  # one caption of each image
                 text[rows] = arrays.text[pick]
         batch = {"moments": torch.from_numpy(moments), "index": torch.from_numpy(index)}
@@ -95,6 +104,7 @@ class LatentDataModule(L.LightningDataModule):
         pin_memory: page-locked batches for fast, non-blocking copies to the GPU.
         val_root: a separate store for the held-out loss (e.g. ImageNet val); default: the training store.
         num_val: items of the held-out loss (the first ones, no flip, first caption).
+        shuffle_seed: seed of the training order and of each item's flip and caption (the run's `seed`).
         latent_size, latent_channels, channels, text_dim, text_len: the shape facts the backbone reads.
     """
 
@@ -111,6 +121,7 @@ class LatentDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         val_root: str | None = None,
         num_val: int = 1024,
+        shuffle_seed: int = 0,
         latent_size: int | None = None,
         latent_channels: int | None = None,
         channels: int = 3,
@@ -120,6 +131,7 @@ class LatentDataModule(L.LightningDataModule):
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
         self.num_classes, self.text, self.random_flip, self.num_val = int(num_classes), bool(text), random_flip, num_val
+        self.shuffle_seed = int(shuffle_seed)
         self.store = LatentStore(root, in_memory=in_memory, key="data.root")
         self.val_store = self.store if val_root is None else LatentStore(val_root, in_memory, key="data.val_root")
         for key, store in (("data.root", self.store), ("data.val_root", self.val_store)):
@@ -188,19 +200,16 @@ class LatentDataModule(L.LightningDataModule):
         features = dataset.__getitems__(list(range(count)))["cond"].float()
         return features, [self.val_store.captions(i)[0] for i in range(count)]
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_batched,
-        )
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": _batched,
+        }
 
     def train_dataloader(self) -> DataLoader:
+        """The resumable training order (`latentdiff.data.order`) from the run's seed, split over ranks."""
         dataset = LatentDataset(
             self.store,
             np.arange(len(self.store)),
@@ -209,9 +218,9 @@ class LatentDataModule(L.LightningDataModule):
             text=self.text,
             flip=self.random_flip,
         )
-        return self._loader(dataset, shuffle=True, drop_last=True)
+        return train_loader(self, dataset, self.batch_size, self.shuffle_seed, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
         count = min(self.num_val, len(self.val_store))
         dataset = LatentDataset(self.val_store, np.arange(count), False, labels=self.num_classes > 0, text=self.text)
-        return self._loader(dataset, shuffle=False, drop_last=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_options())

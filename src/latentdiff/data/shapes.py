@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from latentdiff.data.order import split_item, train_loader
+
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 _SUPERSAMPLE = 3
 
@@ -104,7 +106,10 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 class _TensorImages(Dataset):
-    """uint8 images -> {"image": float in [-1, 1] (C, H, W), "cond": class id}."""
+    """uint8 images -> {"image": float in [-1, 1] (C, H, W), "cond": class id, "index": item index}.
+
+    Items are indices or the `(index, draw_key)` pairs of the training sampler (shapes have no random views).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -112,8 +117,9 @@ class _TensorImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i].float() / 127.5 - 1.0, "cond": self.labels[i]}
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, _ = split_item(item)
+        return {"image": self.images[i].float() / 127.5 - 1.0, "cond": self.labels[i], "index": torch.tensor(i)}
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -127,6 +133,7 @@ class ShapesDataModule(L.LightningDataModule):
         batch_size: per-device batch size.
         num_workers: DataLoader workers.
         seed: generation seed.
+        shuffle_seed: seed of the training order (the run's `seed`).
         pin_memory: pin host memory when training on a GPU.
         channels: image channels (RGB: 3).
         latent_size, latent_channels: shape facts the backbone reads from the data config (through the
@@ -142,6 +149,7 @@ class ShapesDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle_seed: int = 0,
         pin_memory: bool = False,
         channels: int = 3,
         latent_size: int | None = None,
@@ -158,7 +166,7 @@ class ShapesDataModule(L.LightningDataModule):
         self.image_size, self.num_classes = image_size, num_classes
         self.num_train, self.num_val = num_train, num_val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.pin_memory = pin_memory
+        self.pin_memory, self.shuffle_seed = pin_memory, int(shuffle_seed)
         self.latent_size, self.latent_channels = latent_size, latent_channels
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -168,19 +176,16 @@ class ShapesDataModule(L.LightningDataModule):
             self.train_set = _TensorImages(*render_shapes(self.num_train, self.image_size, self.num_classes, self.seed))
             self.val_set = _TensorImages(*render_shapes(self.num_val, self.image_size, self.num_classes, self.seed + 1))
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """The resumable training order (`latentdiff.data.order`), from `data.seed`, split over ranks."""
+        return train_loader(self, self.train_set, self.batch_size, self.shuffle_seed, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, **self._loader_options())
