@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from latentdiff.checkpoint import AtomicCheckpointIO, latest_checkpoint, load_checkpoint
 from latentdiff.config import ConfigError
@@ -88,9 +89,7 @@ def _assert_same_end(run: Path, reference: Path) -> None:
     ],
     ids=["kill-mid-epoch", "kill-after-checkpoint", "kill-after-epoch-end-checkpoint", "sigterm", "sigusr1"],
 )
-def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(
-    tmp_path, reference, step, at, sig, resumes_from
-):
+def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, reference, step, at, sig, resumes_from):
     fault = ["+callbacks.fault._target_=tests.faults.Kill", f"+callbacks.fault.step={step}"]
     fault += [f"+callbacks.fault.at={at}", f"+callbacks.fault.sig={sig}"]
     first = _train(tmp_path, "name=run", "resume=auto", *fault)
@@ -179,3 +178,45 @@ def test_latest_checkpoint_is_the_highest_step_not_the_newest_file(tmp_path):
     assert latest_checkpoint(tmp_path).name == "last.ckpt"
     (tmp_path / "last.ckpt").write_bytes(b"truncated")  # a damaged last.ckpt: fall back to the newest step
     assert latest_checkpoint(tmp_path).name == "step_0000008.ckpt"
+
+
+@pytest.mark.parametrize(("model", "folder"), [("uvit_tiny", "transformer"), ("unet_tiny", "unet")])
+def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model, folder):
+    from diffusers import DDPMScheduler
+
+    from latentdiff.export import export, load_exported
+    from latentdiff.models import build_backbone
+    from latentdiff.training import run_training
+
+    from .conftest import TINY_RUN
+
+    cfg = compose_cfg([*TINY_RUN, f"model={model}"])
+    run = Path(run_training(cfg)["run_dir"])
+    record = export(run / "last.ckpt", tmp_path / "export")
+    out = tmp_path / "export"
+    assert record["_latentdiff"]["weights"] == "ema" and record["_latentdiff"]["step"] == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["backbone.safetensors", folder, "model_index.json", "scheduler"]
+    )
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    ema = {k[len("ema.model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), torch.tensor([1, 4])
+    reference = build_backbone(cfg.model).eval()
+    reference.load_state_dict(ema)
+    with torch.no_grad():
+        expected = reference(x, t, y)
+        for source in (out, out / "backbone.safetensors"):
+            assert torch.equal(load_exported(source)(x, t, y), expected), source
+            again = OmegaConf.create({**OmegaConf.to_container(cfg.model, resolve=True), "pretrained": str(source)})
+            assert torch.equal(build_backbone(again).eval()(x, t, y), expected), source
+    assert (
+        DDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type
+        == cfg.diffusion.scheduler.prediction_type
+    )
+    if folder == "unet":
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel.from_pretrained(out, subfolder="unet")  # a plain diffusers folder
+        assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.unet.state_dict().values()))
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        export(run / "last.ckpt", out)

@@ -92,7 +92,8 @@ def test_scalar_timesteps_broadcast() -> None:
 
 # preset: (data shape facts: latent_size, latent_channels, data.num_classes; official parameter count)
 PRESETS = {
-    "uvit_tiny": ((32, 3, 4), 1_497_348),  # sincos positions: a buffer, not a parameter (learned: 1,505,796)
+    # uvit_tiny: AdaLN adds 7 x Linear(128, 512) = 462,336 to the token-time 1,497,348; sincos positions are a buffer
+    "uvit_tiny": ((32, 3, 4), 1_959_684),
     "uvit_s2": ((32, 3, 0), 44_255_328),
     "uvit_s4": ((64, 3, 0), 44_292_228),
     "uvit_m4": ((64, 3, 1000), 130_941_060),  # 1001 label rows; the official ImageNet-64 has 1000

@@ -380,7 +380,7 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             log.info("stopped by a signal at step %d; checkpoint %s", trainer.global_step, self.path)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -456,12 +456,12 @@ class Checkpoint(L.Callback):
         step = trainer.global_step
         if with_step and self.keep_last != 0:
             path = self.step_path(step)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 self._link_last(path, trainer)
                 self._prune()
         else:
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
         trainer.strategy.barrier("latentdiff.checkpoint")
         self._last_saved_step, self._last_time = step, time.monotonic()
 
@@ -473,17 +473,14 @@ class Checkpoint(L.Callback):
             os.replace(tmp, self.last)
         except OSError:  # no hard links here: write it again (atomically)
             tmp.unlink(missing_ok=True)
-            trainer.strategy.checkpoint_io.save_checkpoint(
-                trainer._checkpoint_connector.dump_checkpoint(), self.last
-            )
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.checkpoint_io.save_checkpoint(state, self.last)
 
     def _prune(self) -> None:
         if self.keep_last < 0:
             return
         pattern = re.compile(r"step_(\d+)\.ckpt$")
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.dirpath.glob("step_*.ckpt") if (m := pattern.search(p.name))
-        )
+        steps = sorted((int(m.group(1)), p) for p in self.dirpath.glob("step_*.ckpt") if (m := pattern.search(p.name)))
         for _, path in steps[: max(len(steps) - self.keep_last, 0)]:
             path.unlink(missing_ok=True)
 

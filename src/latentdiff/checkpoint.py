@@ -79,8 +79,9 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, foreign pickle, objects weights_only refuses
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0].rstrip(".")[:160]  # torch's zip errors go on about miniz internals
         raise ConfigError(
-            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: {first[:160]})"
+            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: {first})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "latentdiff" not in ckpt:
         raise ConfigError(
@@ -157,9 +158,9 @@ def run_dir(base: str, resume: Any) -> str:
 
 
 def hydra_subdir(run: str) -> str:
-    """Hydra's record folder in a run directory: `.hydra`, or `.hydra/resume_<time>` when resuming into one
-    that has it (the first launch's record is kept)."""
-    if (Path(run) / ".hydra").exists():
+    """Hydra's record folder in a run directory: `.hydra` in a new one, `.hydra/resume_<time>` in one that
+    already holds something (the first launch's record is never overwritten)."""
+    if Path(run).is_dir() and any(Path(run).iterdir()):
         return f".hydra/resume_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
     return ".hydra"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -24,6 +25,48 @@ def _remove_if_untouched(run_dir: Path) -> None:
         return
     if all(p.name in _HYDRA_FILES or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _undo_hydra_writes(run_dir: Path, subdir: str | None) -> None:
+    """After an error: remove what Hydra wrote into a run directory at start-up, so that a directory that
+    held a run before is left exactly as it was (a `.hydra/resume_*` record, an empty new train.log)."""
+    if subdir and subdir.startswith(".hydra/resume_"):
+        shutil.rmtree(run_dir / subdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (run_dir / ".hydra").rmdir()  # only when it is empty now (Hydra made it for this record)
+    log_file = run_dir / "train.log"
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink(missing_ok=True)
+
+
+_SWEEP_MARKS = ("glob(", "range(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
+
+
+def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None:
+    """Compose the config once before Hydra runs, so that an override Hydra rejects (a misspelt key, a bad
+    value type) is one line naming it instead of Hydra's multi-line report. Sweeps (`-m`) are left to Hydra.
+
+    Raises:
+        ConfigError: the first line(s) of Hydra's message, joined.
+    """
+    if any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in args):
+        return
+    overrides = [a for a in args if "=" in a]
+    if any(any(mark in a for mark in _SWEEP_MARKS) for a in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as err:  # Hydra's override and composition errors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
+        raise ConfigError("; ".join(lines[:3]) or type(err).__name__) from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def hydra_entry(
@@ -50,6 +93,7 @@ def hydra_entry(
     debug = os.environ.get("LATENTDIFF_DEBUG") == "1"
     try:
         check_group_choices(sys.argv[1:], config_dir)
+        check_overrides(sys.argv[1:], config_dir, config_name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -64,8 +108,11 @@ def hydra_entry(
             if debug:
                 raise
             print(f"error: {err}", file=sys.stderr)
+            hydra_cfg = HydraConfig.get()
+            run_dir = Path(hydra_cfg.runtime.output_dir)
+            _undo_hydra_writes(run_dir, hydra_cfg.output_subdir)
             if cleanup_run_dir:
-                _remove_if_untouched(Path(HydraConfig.get().runtime.output_dir))
+                _remove_if_untouched(run_dir)
             sys.exit(2)
         except NonFiniteError as err:  # the run's checkpoints hold its last good state
             if debug:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.config import ConfigError
+from latentdiff.data.store import write_json_atomic
 from latentdiff.metrics import METRICS, Inception, compute_metrics, load_reference, open_images, write_statistics
 from latentdiff.training import user_errors
 from latentdiff.utils import framework_versions
@@ -66,6 +67,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         subset = int(options.get("kid_subset_size", 1000))
         if "kid" in metrics and n < subset:
             raise ConfigError(f"fidelity.kid_subset_size={subset} is more than the {n} samples; set it to <= {n}")
+        if cfg.get("reference") is not None:
+            open_images(cfg.reference, "reference")  # a wrong path fails before the Inception weights load
         inception = Inception(cfg.get("inception_weights"), _device(str(cfg.device)), int(cfg.batch_size))
         reference = None
         if cfg.get("reference") is not None:
@@ -95,7 +98,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     print(json.dumps(record, sort_keys=True), flush=True)
     out = Path(cfg.out) if cfg.get("out") else _samples_dir(Path(cfg.samples)) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(out, record)
     with open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
     return record

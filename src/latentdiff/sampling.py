@@ -329,7 +329,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
     overrides = list(overrides or [])
     rank, world, local_rank = dist_env()
     with user_errors():
-        ckpt = load_checkpoint(cfg.ckpt) if cfg.get("ckpt") else None
+        ckpt = load_checkpoint(cfg.ckpt, "ckpt") if cfg.get("ckpt") else None
         run = run_config(cfg, overrides, ckpt["latentdiff"]["config"] if ckpt is not None else None)
         _validate(cfg, run)
         nprocs = _num_processes(cfg.devices)

@@ -161,6 +161,10 @@ class ShapesDataModule(L.LightningDataModule):
         for key, value in (("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"data.{key}={value} must be a positive integer")
+        if batch_size > num_train:
+            raise ValueError(
+                f"data.batch_size={batch_size} is larger than data.num_train={num_train}; use at most that"
+            )
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         self.image_size, self.num_classes = image_size, num_classes

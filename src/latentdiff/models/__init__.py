@@ -2,7 +2,8 @@
 
 Every model config has a `pretrained` key (null by default) that is not a constructor argument: a weights
 file (an official U-ViT `.pth` state dict, a `.safetensors` or `.pt` state dict of the backbone, or a
-Lightning checkpoint of this project, whose EMA weights are taken) or, for the UNets, a diffusers folder.
+Lightning checkpoint of this project, whose EMA weights are taken), an export folder of `latentdiff.export`,
+or, for the UNets, a diffusers folder.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
     """Load weights into `backbone` in place (strict): a weights file, or a diffusers folder for the UNets."""
     path = Path(pretrained)
     name = type(backbone).__name__
+    if path.is_dir() and (path / "model_index.json").is_file():  # an export folder (latentdiff.export)
+        sub = "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
+        if not (path / sub).is_dir():
+            raise ValueError(f"{key}={pretrained} holds no {sub}/ folder for the configured {name}")
+        path = path / sub
+    if path.is_dir() and not hasattr(backbone, "diffusers_cls"):
+        path = path / "diffusion_pytorch_model.safetensors"  # a transformer/ folder of an export
     if path.is_dir() and hasattr(backbone, "diffusers_cls"):
         try:
             unet = backbone.diffusers_cls.from_pretrained(path)

@@ -1,0 +1,147 @@
+"""`python -m latentdiff.export ckpt=<run>/last.ckpt out=<dir>`: a checkpoint's backbone as safetensors files.
+
+    out/
+      backbone.safetensors        the backbone's weights in one file; its metadata holds the model config
+      model_index.json            a diffusers-style index: which folder holds what, and the run's config
+      unet/ | transformer/        config.json + diffusion_pytorch_model.safetensors (the UNets: a real
+                                  diffusers folder, `UNet2DModel.from_pretrained(out, subfolder="unet")`)
+      scheduler/                  the training noise schedule (`DDPMScheduler.from_pretrained(out, ...)`)
+
+`model.pretrained=out/backbone.safetensors` or `model.pretrained=out` loads the weights into a run, a sample
+job or `load_exported(out)`; every way gives the outputs of the checkpoint's weights exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+
+from latentdiff.checkpoint import load_checkpoint
+from latentdiff.config import ConfigError
+from latentdiff.models import build_backbone, load_pretrained
+from latentdiff.utils import framework_versions
+
+log = logging.getLogger(__name__)
+
+INDEX = "model_index.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def backbone_folder(backbone: nn.Module) -> str:
+    """The folder name a diffusers pipeline would use: `unet` for the UNets, `transformer` for U-ViT."""
+    return "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
+
+
+def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True) -> tuple[nn.Module, dict, str]:
+    """The backbone of a training checkpoint with its weights; its model config; "ema" or "raw"."""
+    config = ckpt["latentdiff"]["config"]
+    model_cfg = dict(config["model"], pretrained=None)
+    backbone = build_backbone(OmegaConf.create(model_cfg))
+    state = ckpt["state_dict"]
+    has_ema = any(k.startswith("ema.model.") for k in state)
+    if use_ema and not has_ema:
+        raise ConfigError("use_ema=true but the checkpoint has no EMA weights; use use_ema=false")
+    prefix = "ema.model." if use_ema else "backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return backbone.eval(), model_cfg, "ema" if use_ema else "raw"
+
+
+def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict[str, Any]:
+    """Write the export folder (see the module docstring) into a new or empty `out`.
+
+    Returns:
+        The `model_index.json` record.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} exists and is not empty; choose a new folder")
+    ckpt = load_checkpoint(ckpt_path, "ckpt")
+    backbone, model_cfg, weights = checkpoint_backbone(ckpt, use_ema)
+    config = ckpt["latentdiff"]["config"]
+    record = {
+        "_class_name": "LatentdiffPipeline",
+        "_latentdiff": {
+            "source": str(Path(ckpt_path).resolve()),
+            "step": int(ckpt.get("global_step", 0)),
+            "weights": weights,
+            "config": {k: config.get(k) for k in ("model", "vae", "diffusion", "sampler", "data", "module")},
+            "versions": framework_versions(),
+        },
+    }
+    record["_latentdiff"]["config"]["model"] = model_cfg
+    folder = backbone_folder(backbone)
+    tmp = out.with_name(f".{out.name}.tmp-export")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(tmp / "backbone.safetensors"), metadata={"latentdiff_model": json.dumps(model_cfg)})
+    if folder == "unet":
+        backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        record["unet"] = ["diffusers", type(backbone.unet).__name__]
+    else:
+        (tmp / folder).mkdir()
+        save_file(state, str(tmp / folder / WEIGHTS))
+        arguments = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
+        (tmp / folder / "config.json").write_text(
+            json.dumps(
+                {"_class_name": type(backbone).__name__, "_target_": model_cfg["_target_"], **arguments}, indent=2
+            )
+        )
+        record[folder] = ["latentdiff.models.uvit", type(backbone).__name__]
+    diffusion = config.get("diffusion") or {}
+    if diffusion.get("scheduler"):
+        scheduler = instantiate(OmegaConf.create(diffusion["scheduler"]))
+        scheduler.save_pretrained(tmp / "scheduler")
+        record["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (tmp / INDEX).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info("exported %s weights of %s (step %d) to %s", weights, ckpt_path, record["_latentdiff"]["step"], out)
+    return record
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The backbone of an export folder or `backbone.safetensors`, built from the config stored with it."""
+    path = Path(path)
+    if path.is_dir():
+        index = path / INDEX
+        if not index.is_file():
+            raise ConfigError(f"{path} holds no {INDEX}; export a checkpoint with `python -m latentdiff.export`")
+        model_cfg = json.loads(index.read_text())["_latentdiff"]["config"]["model"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "latentdiff_model" not in meta:
+            raise ConfigError(
+                f"{path} has no latentdiff model config in its metadata; build the model and use model.pretrained"
+            )
+        model_cfg = json.loads(meta["latentdiff_model"])
+    backbone = build_backbone(OmegaConf.create(dict(model_cfg, pretrained=None)))
+    load_pretrained(backbone, path)
+    return backbone.eval()
+
+
+def run_export(cfg: DictConfig) -> dict[str, Any]:
+    return export(cfg.ckpt, cfg.out, bool(cfg.use_ema))
+
+
+def main() -> None:
+    from latentdiff.cli import CONF_DIR, hydra_entry
+
+    hydra_entry(run_export, CONF_DIR, "export", cleanup_run_dir=False)
+
+
+if __name__ == "__main__":
+    main()
