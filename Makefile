@@ -10,11 +10,11 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train extract sample evaluate test test-fast bench lint format clean
+.PHONY: help install train extract sample evaluate export test test-fast bench lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  Pass options with ARGS=\"...\" (train, extract, sample, evaluate) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
+	@echo "  Pass options with ARGS=\"...\" (train, extract, sample, evaluate, export) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -31,6 +31,9 @@ train: install ## Train the default experiment (quickstart: U-ViT-tiny on built-
 
 extract: install ## Encode images into a latent store: make extract ARGS="data=imagenet_folder data.root=... out=..."
 	$(PY) -m latentdiff.extract $(ARGS)
+
+export: install ## Export a checkpoint's backbone: make export ARGS="ckpt=outputs/<name>/<run>/last.ckpt out=<dir>"
+	$(PY) -m latentdiff.export $(ARGS)
 
 sample: install ## Generate images: make sample ARGS="ckpt=outputs/.../last.ckpt num_samples=50000"
 	$(PY) sample.py $(ARGS)
