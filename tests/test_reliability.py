@@ -220,3 +220,15 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
         assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.unet.state_dict().values()))
     with pytest.raises(ConfigError, match="exists and is not empty"):
         export(run / "last.ckpt", out)
+
+
+def test_checkpoints_keep_the_last_k_and_last_is_the_latest(compose_cfg):
+    from latentdiff.training import run_training
+
+    from .conftest import TINY_RUN
+
+    overrides = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.keep_last=2"]
+    run = Path(run_training(compose_cfg([*TINY_RUN, "trainer.max_steps=7", *overrides]))["run_dir"])
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step_0000004.ckpt", "step_0000006.ckpt"]
+    assert load_checkpoint(run / "last.ckpt")["global_step"] == 7  # saved again when training ended
+    assert not list(run.glob(".*tmp*"))  # no temporary files left behind

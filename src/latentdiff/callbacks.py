@@ -390,6 +390,15 @@ class Preemption(L.Callback):
             self._previous = None
 
 
+def _final_step(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended is the last one of the fit (max_steps or the last epoch's end)."""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return bool(last_epoch and progress.is_last_batch)
+
+
 class Checkpoint(L.Callback):
     """The run's checkpoints, written atomically (the run's `AtomicCheckpointIO`).
 
@@ -443,12 +452,15 @@ class Checkpoint(L.Callback):
         if self.every_n_train_steps and step % self.every_n_train_steps == 0:
             self.save(trainer, with_step=True)
             return
+        if _final_step(trainer):  # saved here, in the same loop state as every other checkpoint
+            self.save(trainer, with_step=False)
+            return
         due = self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
         if trainer.strategy.broadcast(due):  # rank 0 decides, so every rank saves together
             self.save(trainer, with_step=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.global_step != self._last_saved_step:
+        if trainer.global_step != self._last_saved_step:  # stopped early (should_stop): keep the state
             self.save(trainer, with_step=False)
 
     def save(self, trainer: L.Trainer, with_step: bool) -> None:
