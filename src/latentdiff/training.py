@@ -180,6 +180,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
     if ckpt_path is not None:
         log.info("resuming from %s (step %d)", ckpt_path, resume_step)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()  # the next run of this process (a sweep) gets its own wandb run
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"metrics": metrics, "run_dir": str(run_dir), "global_step": trainer.global_step}
