@@ -111,7 +111,7 @@ MATRIX = [
 
 @pytest.mark.parametrize(("entry", "args", "message"), MATRIX, ids=[f"{e}-{'-'.join(a)[:60]}" for e, a, _ in MATRIX])
 def test_bad_input_is_one_line_nonzero_exit_and_changes_nothing(world, monkeypatch, capfd, entry, args, message):
-    args = [a.format(w=world) for a in args]
+    args = case = [a.format(w=world) for a in args]
     message = message.format(w=world)
     if entry == "train":
         tiny = [] if "data=latents" in args else TINY_RUN
@@ -132,3 +132,5 @@ def test_bad_input_is_one_line_nonzero_exit_and_changes_nothing(world, monkeypat
     assert lines[0].startswith(f"error: {message}"), lines[0]
     assert "Traceback" not in err
     assert _snapshot(world) == before  # nothing existing changed, nothing new written
+    print(f"{entry}.py {' '.join(case).replace(str(world), '<w>')}")
+    print(f"  -> {lines[0].replace(str(world), '<w>')} (exit {exit_info.value.code})")
