@@ -76,7 +76,12 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False
     if not path.is_file():
         raise ConfigError(f"{key}={path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap can only be used" in str(err)):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except Exception as err:  # truncated zip, foreign pickle, objects weights_only refuses
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.split(". ")[0].rstrip(".")[:160]  # torch's zip errors go on about miniz internals
@@ -121,8 +126,8 @@ def _to_device(obj: Any, device: Any) -> Any:
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was written at (-1 when it cannot be read)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-    except Exception:
+        return int(load_checkpoint(path, mmap=True).get("global_step", -1))
+    except ConfigError:
         return -1
 
 
