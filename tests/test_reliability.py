@@ -99,11 +99,13 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, 
         assert first.returncode == 0, first.stderr[-3000:]  # a clean stop
     (run,) = (tmp_path / "outputs" / "run").iterdir()
     assert torch.load(latest_checkpoint(run), weights_only=True)["global_step"] == resumes_from
+    assert (run / ".hydra" / "overrides.yaml").is_file()  # the first launch's record
 
     second = _train(tmp_path, "name=run", "resume=auto")  # the same command again, as a requeued job runs it
     assert second.returncode == 0, second.stderr[-3000:]
     assert [p.name for p in (tmp_path / "outputs" / "run").iterdir()] == [run.name]  # the same run directory
     assert f"(step {resumes_from})" in (run / "train.log").read_text()
+    assert len(list((run / ".hydra").glob("resume_*/overrides.yaml"))) == 1  # the resume's, beside it
     _assert_same_end(run, reference)
 
 

@@ -164,8 +164,10 @@ def run_dir(base: str, resume: Any) -> str:
 
 def hydra_subdir(run: str) -> str:
     """Hydra's record folder in a run directory: `.hydra` in a new one, `.hydra/resume_<time>` in one that
-    already holds something (the first launch's record is never overwritten)."""
-    if Path(run).is_dir() and any(Path(run).iterdir()):
+    already holds a run or a record (the first launch's record is never overwritten)."""
+    run_dir = Path(run)
+    markers = (".hydra", "config.yaml", "metrics.csv", "last.ckpt")  # not train.log: Hydra opens it first
+    if any((run_dir / m).exists() for m in markers) or any(run_dir.glob("*.ckpt")):
         return f".hydra/resume_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
     return ".hydra"
 
