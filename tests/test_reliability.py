@@ -234,3 +234,24 @@ def test_checkpoints_keep_the_last_k_and_last_is_the_latest(compose_cfg):
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step_0000004.ckpt", "step_0000006.ckpt"]
     assert load_checkpoint(run / "last.ckpt")["global_step"] == 7  # saved again when training ended
     assert not list(run.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_timed_checkpoints_refresh_last_ckpt(compose_cfg, monkeypatch):
+    from latentdiff.callbacks import Checkpoint
+    from latentdiff.training import run_training
+
+    from .conftest import TINY_RUN
+
+    saves: list[tuple[int, bool]] = []
+    original = Checkpoint.save
+
+    def counting(self, trainer, with_step):
+        saves.append((trainer.global_step, with_step))
+        original(self, trainer, with_step)
+
+    monkeypatch.setattr(Checkpoint, "save", counting)
+    timed = ["callbacks.checkpoint.every_n_train_steps=0", "callbacks.checkpoint.every_n_minutes=1e-9"]
+    run = Path(run_training(compose_cfg([*TINY_RUN, *timed]))["run_dir"])
+    assert saves == [(1, False), (2, False), (3, False)]  # every step is "30 minutes later" here
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]
+    assert load_checkpoint(run / "last.ckpt")["global_step"] == 3
