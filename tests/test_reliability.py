@@ -85,9 +85,17 @@ def _assert_same_end(run: Path, reference: Path) -> None:
         (9, "start", "SIGKILL", 8),  # right after the checkpoint of step 8 was written
         (21, "start", "SIGKILL", 20),  # right after a checkpoint at the end of an epoch (step 20 = 4 x 5)
         (13, "mid", "SIGTERM", 13),  # preemption: checkpoint after the current step, exit 0
+        (15, "mid", "SIGTERM", 15),  # preemption on the last batch of an epoch
         (17, "mid", "SIGUSR1", 17),
     ],
-    ids=["kill-mid-epoch", "kill-after-checkpoint", "kill-after-epoch-end-checkpoint", "sigterm", "sigusr1"],
+    ids=[
+        "kill-mid-epoch",
+        "kill-after-checkpoint",
+        "kill-after-epoch-end-checkpoint",
+        "sigterm",
+        "sigterm-epoch-end",
+        "sigusr1",
+    ],
 )
 def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, reference, step, at, sig, resumes_from):
     fault = ["+callbacks.fault._target_=tests.faults.Kill", f"+callbacks.fault.step={step}"]

@@ -348,12 +348,15 @@ class FID(_SamplingCallback):
 
 
 class Preemption(L.Callback):
-    """SIGTERM and SIGUSR1 stop the run after the current batch with a checkpoint, and the process exits 0.
+    """SIGTERM and SIGUSR1 stop the run with a checkpoint at the next optimizer-step boundary; exit 0.
 
-    Lightning turns SIGTERM into a clean stop (all ranks agree); this callback gives SIGUSR1 the same meaning
-    (unless Lightning's SLURM auto-requeue already handles it: that saves `hpc_ckpt_*.ckpt` and requeues), and
-    writes `<dirpath>/<filename>` atomically when the stop happens. `python train.py ... resume=auto` (or
-    `resume=<run dir>`) continues from that step exactly.
+    The signal handlers only set a flag. At the end of each optimizer step (never inside a gradient-
+    accumulation cycle) the ranks agree on it (any rank signalled: all stop), `last.ckpt` is written in the
+    same loop state as the periodic checkpoints (through `callbacks.checkpoint` when it is there), and the
+    trainer stops cleanly. `python train.py ... resume=auto` (or `resume=<run dir>`) continues exactly.
+    A signal that arrives before training starts, or a stop Lightning raises itself, still saves the state
+    in `on_exception`. Under SLURM with Lightning's auto-requeue, SIGUSR1 stays Lightning's (it saves
+    `hpc_ckpt_*.ckpt` and requeues the job).
 
     Args:
         dirpath: the run directory.
@@ -362,32 +365,51 @@ class Preemption(L.Callback):
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = Path(dirpath) / filename
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
+        self.requested = False
+        self._saved_step = -1
+
+    def _request(self, signum, frame) -> None:
+        log.info("received signal %d: stopping at the end of this optimizer step with a checkpoint", signum)
+        self.requested = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        # Lightning has registered its handlers by now; SIGUSR1 is ours when nobody else handles it
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            connector = trainer._signal_connector
+        signals = [signal.SIGTERM]
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # not claimed by SLURM auto-requeue
+            signals.append(signal.SIGUSR1)
+        for signum in signals:
+            with contextlib.suppress(ValueError):  # not the main thread: keep Lightning's handling
+                self._previous[signum] = signal.signal(signum, self._request)
 
-            def stop(signum, frame) -> None:
-                log.info("received signal %d: stopping after this batch with a checkpoint", signum)
-                connector.received_sigterm = True
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        self.save(trainer)
+        trainer.should_stop = True
 
-            try:
-                self._previous = signal.signal(signal.SIGUSR1, stop)
-            except ValueError:  # not the main thread
-                self._previous = None
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_step:
+            return
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, Checkpoint)), None)
+        if checkpoint is not None and checkpoint.last == self.path:
+            if checkpoint._last_saved_step != trainer.global_step:
+                checkpoint.save(trainer, with_step=False)
+        else:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step = trainer.global_step
+        log.info("stopped by a signal at step %d; checkpoint %s", trainer.global_step, self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path, weights_only=False)
-            log.info("stopped by a signal at step %d; checkpoint %s", trainer.global_step, self.path)
+            self.save(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
+        for signum, handler in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
+        self._previous = {}
 
 
 def _final_step(trainer: L.Trainer) -> bool:
@@ -455,7 +477,9 @@ class Checkpoint(L.Callback):
         if _final_step(trainer):  # saved here, in the same loop state as every other checkpoint
             self.save(trainer, with_step=False)
             return
-        due = self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
+        if self.every_n_seconds is None:
+            return
+        due = time.monotonic() - self._last_time >= self.every_n_seconds
         if trainer.strategy.broadcast(due):  # rank 0 decides, so every rank saves together
             self.save(trainer, with_step=False)
 

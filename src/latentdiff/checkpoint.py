@@ -152,14 +152,30 @@ def run_dir(base: str, resume: Any) -> str:
         resume: null (a new `<base>/<date>_<time>`), "auto" (the newest run under `base` holding a checkpoint,
             else a new one), or a run directory.
     """
-    if resume is None or str(resume) in ("", "null", "None", "false", "False"):
-        return f"{base}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    if no_resume(resume):
+        return _new_run_dir(base)
     if str(resume) == "auto":
-        runs = [p for p in Path(base).glob("*") if p.is_dir() and checkpoints(p)]
+        runs = [p for p in Path(base).glob("*") if p.is_dir() and latest_checkpoint(p) is not None]
         if runs:
             return str(max(runs, key=lambda p: (max(c.stat().st_mtime for c in checkpoints(p)), p.name)))
-        return f"{base}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+        return _new_run_dir(base)
     return str(Path(resume).expanduser().resolve())
+
+
+# run directories this process chose as new ones: only those may be removed after an error
+NEW_RUN_DIRS: set[str] = set()
+
+
+def _new_run_dir(base: str) -> str:
+    path = f"{base}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    if not Path(path).exists():
+        NEW_RUN_DIRS.add(os.path.abspath(path))
+    return path
+
+
+def no_resume(resume: Any) -> bool:
+    """Whether a `resume` value means "start a new run" (null, false, empty)."""
+    return resume is None or resume is False or str(resume) in ("", "null", "None", "false", "False")
 
 
 def hydra_subdir(run: str) -> str:

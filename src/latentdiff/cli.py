@@ -20,8 +20,11 @@ _HYDRA_FILES = {".hydra"}
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
-    """Delete a run directory that holds nothing but what Hydra wrote at start-up (.hydra, *.log)."""
-    if not run_dir.is_dir():
+    """Delete a run directory this process chose as a new one (`ld.run_dir`) if it holds nothing but what
+    Hydra wrote at start-up (.hydra, *.log). A directory that existed before is never removed."""
+    from latentdiff.checkpoint import NEW_RUN_DIRS
+
+    if not run_dir.is_dir() or os.path.abspath(run_dir) not in NEW_RUN_DIRS:
         return
     if all(p.name in _HYDRA_FILES or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -30,6 +33,10 @@ def _remove_if_untouched(run_dir: Path) -> None:
 def _undo_hydra_writes(run_dir: Path, subdir: str | None) -> None:
     """After an error: remove what Hydra wrote into a run directory at start-up, so that a directory that
     held a run before is left exactly as it was (a `.hydra/resume_*` record, an empty new train.log)."""
+    from latentdiff.checkpoint import NEW_RUN_DIRS
+
+    if subdir == ".hydra" and os.path.abspath(run_dir) not in NEW_RUN_DIRS:
+        shutil.rmtree(run_dir / subdir, ignore_errors=True)  # a directory we did not create had no record
     if subdir and subdir.startswith(".hydra/resume_"):
         shutil.rmtree(run_dir / subdir, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -49,9 +56,9 @@ def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None
     Raises:
         ConfigError: the first line(s) of Hydra's message, joined.
     """
-    if any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in args):
+    if any(a.startswith("-") or a.startswith("hydra.mode=") for a in args):  # flags, sweeps: Hydra's
         return
-    overrides = [a for a in args if "=" in a]
+    overrides = [a for a in args if "=" in a or a.startswith("~")]
     if any(any(mark in a for mark in _SWEEP_MARKS) for a in overrides):
         return
     from hydra import compose, initialize_config_dir

@@ -162,6 +162,9 @@ class DiffusionModule(L.LightningModule):
             # fp16 loss scaling produces Inf gradients by design (the scaler skips those steps): only the loss
             grad_ok = str(self.trainer.precision) == "16-mixed" or bool(torch.isfinite(norm))
             loss_ok = loss_finite is None or bool(loss_finite)
+            # one decision for all ranks: a step skipped anywhere is skipped everywhere (weights stay equal)
+            loss_ok = self.trainer.strategy.reduce_boolean_decision(loss_ok, all=True)
+            grad_ok = self.trainer.strategy.reduce_boolean_decision(grad_ok, all=True)
             if not (grad_ok and loss_ok):
                 what = "loss" if not loss_ok else "gradient"
                 batch = torch.cat(indices).tolist() if indices else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, latest_checkpoint, load_checkpoint
+from latentdiff.checkpoint import (
+    AtomicCheckpointIO,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    no_resume,
+)
 from latentdiff.config import ConfigError, validate_train_config
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
@@ -84,7 +91,9 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
     - `resume=auto|<run dir>`: the run directory's latest checkpoint; `auto` starts fresh when there is none.
     - neither: a fresh run, which must not write into a directory that holds a run.
     """
-    resume = cfg.get("resume")
+    resume = None if no_resume(cfg.get("resume")) else cfg.get("resume")
+    if not _rank_zero_process():
+        resume = resume if resume is not None else "spawned"  # rank 0 checked the directory already
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
@@ -96,6 +105,8 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
         return None, ""
     found = latest_checkpoint(run_dir)
     if found is None:
+        if resume == "spawned":
+            return None, ""
         if str(resume) != "auto":
             raise ConfigError(
                 f"resume={resume} holds no readable checkpoint (last.ckpt, step_*.ckpt); "
@@ -104,6 +115,28 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
         _check_run_dir(run_dir)
         return None, ""
     return found, "resume"
+
+
+def _rank_zero_process() -> bool:
+    """False in the processes a launcher started for ranks > 0 (Lightning's DDP, torchrun, SLURM tasks)."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def _check_loader_state(meta: dict, batch_size: int, world_size: int, key: str) -> None:
+    """The data position is counted in per-rank batches: the batch size and world size must not change."""
+    loops = meta.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    for state in loops.get("combined_loader", []):
+        old_batch, old_world = int(state.get("batch_size", batch_size)), int(state.get("world_size", world_size))
+        if old_batch != batch_size:
+            raise ConfigError(
+                f"data.batch_size={batch_size} differs from the checkpoint's {old_batch} ({key}); resume with the "
+                "same per-device batch size (the data position is counted in batches)"
+            )
+        if old_world != world_size:
+            raise ConfigError(
+                f"the run has {world_size} processes but the checkpoint ({key}) was written by {old_world}; "
+                "resume on the same number of devices and nodes (trainer.devices, trainer.num_nodes)"
+            )
 
 
 def _quiet_known_warnings() -> None:
@@ -137,8 +170,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 meta["latentdiff"].get("config"), OmegaConf.to_container(cfg, resolve=True), ckpt_key, label
             )
             resume_step, wandb_id = int(meta.get("global_step", 0)), meta["latentdiff"].get("wandb_id")
+            loader_meta = {"loops": meta.get("loops", {})}
             del meta
-            if wandb_id and OmegaConf.select(cfg, "logger.wandb") is not None:
+            # the same wandb run only when the same run directory goes on (ckpt_path starts a new run)
+            if ckpt_key == "resume" and wandb_id and OmegaConf.select(cfg, "logger.wandb") is not None:
                 cfg.logger.wandb.id = wandb_id
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("matmul_precision"):
@@ -167,6 +202,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
+        if ckpt_path is not None:
+            _check_loader_state(loader_meta, int(cfg.data.batch_size), trainer.world_size, str(ckpt_path))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_global_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps its first one

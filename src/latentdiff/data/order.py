@@ -131,7 +131,12 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         batches = self.consumed() if self.consumed is not None else 0
-        return {"epoch": self.sampler.epoch, "batches": int(batches), "batch_size": int(self.batch_size)}
+        return {
+            "epoch": self.sampler.epoch,
+            "batches": int(batches),
+            "batch_size": int(self.batch_size),
+            "world_size": int(self.sampler.num_replicas),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
