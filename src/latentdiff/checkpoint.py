@@ -61,6 +61,30 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
         os.close(fd)
 
 
+def read_torch_file(path: str | Path, key: str = "ckpt_path", mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with a one-line error for a missing, truncated or foreign file.
+
+    Raises:
+        ConfigError: naming `key` and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} does not exist")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap can only be used" in str(err)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # a legacy (non-zip) file
+    except Exception as err:  # truncated zip, foreign pickle, objects weights_only refuses
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0].rstrip(".")[:160]  # torch's zip errors go on about miniz internals
+        raise ConfigError(
+            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: {first})"
+        ) from None
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False) -> dict[str, Any]:
     """A latentdiff training checkpoint, read with `weights_only=True`.
 
@@ -72,22 +96,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False
     Raises:
         ConfigError: missing, unreadable (truncated, corrupt, not a checkpoint), or not written by latentdiff.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path} does not exist")
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if not (mmap and "mmap can only be used" in str(err)):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
-    except Exception as err:  # truncated zip, foreign pickle, objects weights_only refuses
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        first = first.split(". ")[0].rstrip(".")[:160]  # torch's zip errors go on about miniz internals
-        raise ConfigError(
-            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: {first})"
-        ) from None
+    ckpt = read_torch_file(path, key, mmap)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "latentdiff" not in ckpt:
         raise ConfigError(
             f"{key}={path} is not a latentdiff training checkpoint (no run config inside); "
@@ -104,23 +113,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        ckpt = load_checkpoint(path)
-        if map_location is not None and not callable(map_location):
-            return _to_device(ckpt, map_location)
-        return ckpt
-
-
-def _to_device(obj: Any, device: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
-    return obj
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        # any file Lightning reads through the plugin (ddp_spawn also passes plain weights this way)
+        return read_torch_file(path, map_location=map_location or "cpu")
 
 
 def checkpoint_step(path: Path) -> int:

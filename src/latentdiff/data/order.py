@@ -102,9 +102,6 @@ class EpochSampler(DistributedSampler):
         for j in range(self.skip, len(mine)):
             yield int(mine[j]), mix64(self.seed, self.epoch, base + j * self.num_replicas)
 
-    def __len__(self) -> int:
-        return self.num_samples
-
 
 class ResumableLoader(DataLoader):
     """A training `DataLoader` over an `EpochSampler` whose position Lightning checkpoints and restores.
@@ -139,12 +136,8 @@ class ResumableLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # the batch size and world size are the checkpoint's (run_training checks them before fitting)
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        if int(state.get("batch_size", self.batch_size)) != self.batch_size:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} differs from the checkpoint's {state['batch_size']}; "
-                "resume with the same batch size (the data position is counted in batches)"
-            )
         if batches >= len(self):  # the checkpoint ended the epoch: the next one starts fresh
             epoch, batches = epoch + 1, 0
         self.sampler.resume(epoch, batches * self.batch_size)
