@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
-from latentdiff.training import run_training
+from latentdiff.training import train
 
 if __name__ == "__main__":
-    hydra_entry(run_training, Path(__file__).resolve().parent / "conf", "train")
+    hydra_entry(train, Path(__file__).resolve().parent / "conf", "train")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -14,7 +16,10 @@ from latentdiff.models import build_backbone
 from .conftest import CONF_DIR
 
 # groups of conf/train.yaml (text_encoder belongs to conf/extract.yaml)
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder"))
+# (sweep presets hold Hydra's sweeper settings: test_every_sweep_preset_composes_and_builds_each_job)
+GROUPS = sorted(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder", "sweep")
+)
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # options that need an artefact a user supplies (a VAE folder), composed but not instantiated here
 EXTRACTION_SOURCES = ("imagenet_folder", "coco_captions")  # data options of conf/extract.yaml
@@ -142,3 +147,40 @@ def test_latent_presets_shape_the_backbones(compose_cfg):
     assert (cfg.model.clip_dim, cfg.model.num_clip_token, cfg.data.num_classes) == (768, 77, 0)
     cfg = compose_cfg(["data=coco256_latents", "vae=sd_ema", "model=unet_cond"])
     assert cfg.model.cross_attention_dim == 768
+
+
+SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_preset_composes_and_builds_each_job(sweep):
+    """A sweep preset is a multirun whose every job composes and builds its backbone (the ablation values are
+    ones the U-ViT accepts); the Optuna preset's search space parses."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .conftest import compose_config
+
+    base = ["experiment=cifar10_uvit_s2", f"sweep={sweep}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=base, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    if sweep.startswith("optuna"):
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.objective == "val/loss_ema"
+        return
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    jobs = [list(j) for j in itertools.product(*axes)]
+    assert len(jobs) >= 2
+    for job in jobs:
+        job_cfg = compose_config(["experiment=cifar10_uvit_s2", *job])
+        with torch.device("meta"):
+            model = build_backbone(job_cfg.model)
+        for override in job:
+            key, value = override.split("=", 1)
+            assert str(OmegaConf.select(job_cfg, key)) == value
+        assert sum(p.numel() for p in model.parameters()) > 0

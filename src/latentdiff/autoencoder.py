@@ -56,7 +56,7 @@ class IdentityAutoencoder(nn.Module):
         return images
 
     def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return moments * self.scaling_factor
+        return moments.float() * self.scaling_factor  # fp16 pixel stores: the run computes in fp32
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.scaling_factor

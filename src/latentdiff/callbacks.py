@@ -20,6 +20,8 @@ import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from latentdiff.distributed import shards_parameters
+
 log = logging.getLogger(__name__)
 
 
@@ -131,7 +133,8 @@ class SampleGrid(_SamplingCallback):
 
     def _save(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:
+        every_rank = shards_parameters(trainer)  # FSDP: each forward needs all ranks; they draw the same grid
+        if step == self._last_step or not (trainer.is_global_zero or every_rank):
             return
         self._last_step = step
         was_training = pl_module.training
@@ -140,6 +143,8 @@ class SampleGrid(_SamplingCallback):
             grid = self.make_grid(pl_module)
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, self.dirpath / f"step_{step:07d}.png")
         if self.prompts is not None:  # the captions of the grid, row by row
@@ -356,7 +361,9 @@ class Preemption(L.Callback):
     trainer stops cleanly. `python train.py ... resume=auto` (or `resume=<run dir>`) continues exactly.
     A signal that arrives before training starts, or a stop Lightning raises itself, still saves the state
     in `on_exception`. Under SLURM with Lightning's auto-requeue, SIGUSR1 stays Lightning's (it saves
-    `hpc_ckpt_*.ckpt` and requeues the job).
+    `hpc_ckpt_*.ckpt` and requeues the job). A handler that was there before (submitit's SIGUSR2 / SIGTERM:
+    requeue the job, `hydra/launcher=slurm`) is called once the checkpoint is written and training has
+    stopped, so the requeued job resumes from this step (with `resume=auto`).
 
     Args:
         dirpath: the run directory.
@@ -367,16 +374,20 @@ class Preemption(L.Callback):
         self.path = Path(dirpath) / filename
         self._previous: dict[int, Any] = {}
         self.requested = False
+        self._signal: int | None = None
         self._saved_step = -1
 
     def _request(self, signum, frame) -> None:
         log.info("received signal %d: stopping at the end of this optimizer step with a checkpoint", signum)
         self.requested = True
+        self._signal = signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         signals = [signal.SIGTERM]
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # not claimed by SLURM auto-requeue
             signals.append(signal.SIGUSR1)
+        if callable(signal.getsignal(signal.SIGUSR2)):  # submitit's timeout/preemption signal: requeue after us
+            signals.append(signal.SIGUSR2)
         for signum in signals:
             with contextlib.suppress(ValueError):  # not the main thread: keep Lightning's handling
                 self._previous[signum] = signal.signal(signum, self._request)
@@ -406,10 +417,16 @@ class Preemption(L.Callback):
             self.save(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        for signum, handler in self._previous.items():
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, handler)
-        self._previous = {}
+        chained = previous.get(self._signal) if self._signal is not None else None
+        if callable(chained) and self._saved_step >= 0:
+            log.info(
+                "passing signal %d on to the handler that was installed before (e.g. submitit's requeue)", self._signal
+            )
+            chained(self._signal, None)
 
 
 def _final_step(trainer: L.Trainer) -> bool:

@@ -56,7 +56,7 @@ def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None
     Raises:
         ConfigError: the first line(s) of Hydra's message, joined.
     """
-    if any(a.startswith("-") or a.startswith("hydra.mode=") for a in args):  # flags, sweeps: Hydra's
+    if any(a.startswith(("-", "hydra.mode=", "sweep=")) for a in args):  # flags, sweeps: Hydra's
         return
     overrides = [a for a in args if "=" in a or a.startswith("~")]
     if any(any(mark in a for mark in _SWEEP_MARKS) for a in overrides):
@@ -69,6 +69,8 @@ def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except Exception as err:  # Hydra's override and composition errors
+        if "Ambiguous value for argument" in str(err):  # a comma list: a sweep if the config is a multirun
+            return
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
         raise ConfigError("; ".join(lines[:3]) or type(err).__name__) from None
@@ -94,9 +96,11 @@ def hydra_entry(
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from latentdiff.distributed import install_hydra_launch
     from latentdiff.module import NonFiniteError
 
     register_resolvers()
+    install_hydra_launch()  # DDP ranks > 0 re-run this job (not the sweep) into the same directory
     debug = os.environ.get("LATENTDIFF_DEBUG") == "1"
     try:
         check_group_choices(sys.argv[1:], config_dir)

@@ -6,6 +6,7 @@ composing a config (no registration at import time).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +34,8 @@ def register_resolvers() -> None:
         "ld.mul": lambda a, b: a * b,
         "ld.add": lambda a, b: a + b,
         "ld.official_offset": _official_offset,
+        "ld.cwd": os.getcwd,  # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in
+        # Hydra's multirun launcher, before any job (hydra.sweep.dir reads it through paths.log_dir)
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.checkpoint import (
@@ -23,6 +24,7 @@ from latentdiff.checkpoint import (
     no_resume,
 )
 from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.distributed import check_strategy, trainer_batch
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
 from latentdiff.models import build_backbone
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # files whose presence means a run directory already holds a run
 _RUN_MARKERS = ("last.ckpt", "metrics.csv", "config.yaml")
+# what Lightning's DDP launcher writes into the launching process's environment
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @contextlib.contextmanager
@@ -127,15 +131,16 @@ def _check_loader_state(meta: dict, batch_size: int, world_size: int, key: str) 
     loops = meta.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
     for state in loops.get("combined_loader", []):
         old_batch, old_world = int(state.get("batch_size", batch_size)), int(state.get("world_size", world_size))
-        if old_batch != batch_size:
-            raise ConfigError(
-                f"data.batch_size={batch_size} differs from the checkpoint's {old_batch} ({key}); resume with the "
-                "same per-device batch size (the data position is counted in batches)"
-            )
         if old_world != world_size:
             raise ConfigError(
                 f"the run has {world_size} processes but the checkpoint ({key}) was written by {old_world}; "
                 "resume on the same number of devices and nodes (trainer.devices, trainer.num_nodes)"
+            )
+        if old_batch != batch_size:
+            raise ConfigError(
+                f"the per-rank batch {batch_size} differs from the checkpoint's {old_batch} ({key}); resume with "
+                "the same data.batch_size and trainer.accumulate_grad_batches (the data position is counted in "
+                "per-rank batches)"
             )
 
 
@@ -147,6 +152,7 @@ def _quiet_known_warnings() -> None:
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*does not have many workers.*",  # in-memory data needs none
         r".*is not supported by the model summary.*",  # bf16-mixed: the summary's size estimate only
+        r".*you need to define a `flops_per_batch`.*",  # ThroughputMonitor: img/s is what is logged
     ):
         warnings.filterwarnings("ignore", message=message)
 
@@ -195,6 +201,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         if empty_text is not None:
             module.null_text = empty_text  # (L, D): the null condition of text runs
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        if cfg.trainer.get("enable_progress_bar") is False:  # batch jobs: no bar, whatever callbacks= holds
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
         for logger in loggers:
             if isinstance(logger, RunCSVLogger):
@@ -202,8 +210,11 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
+        check_strategy(trainer)
+        # data.batch_size is the global batch: each rank loads its share (checked when the world size is known)
+        datamodule.batch_size = batch_size = trainer_batch(trainer, int(cfg.data.batch_size))
         if ckpt_path is not None:
-            _check_loader_state(loader_meta, int(cfg.data.batch_size), trainer.world_size, str(ckpt_path))
+            _check_loader_state(loader_meta, batch_size, trainer.world_size, str(ckpt_path))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_global_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps its first one
@@ -217,12 +228,34 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
     if ckpt_path is not None:
         log.info("resuming from %s (step %d)", ckpt_path, resume_step)
+    launch_env = {k: os.environ.get(k) for k in _LAUNCH_ENV}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
+        # the next run of this process (a sweep job) launches its own ranks: Lightning's launcher left
+        # LOCAL_RANK & co. in os.environ (they would read as "started by torchrun") and the process group open
+        for key, value in launch_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
 
             wandb.finish()  # the next run of this process (a sweep) gets its own wandb run
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"metrics": metrics, "run_dir": str(run_dir), "global_step": trainer.global_step}
+
+
+def train(cfg: DictConfig) -> dict[str, Any] | float:
+    """`train.py`'s task: `run_training`, returning `cfg.objective`'s final value when a sweeper optimises it."""
+    result = run_training(cfg)
+    if not cfg.get("objective"):
+        return result
+    value = result["metrics"].get(cfg.objective)
+    if value is None:
+        logged = ", ".join(sorted(result["metrics"])) or "none"
+        raise ConfigError(f"objective={cfg.objective} was not logged by this run; logged: {logged}")
+    return float(value)

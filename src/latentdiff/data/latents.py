@@ -97,7 +97,7 @@ class LatentDataModule(L.LightningDataModule):
         image_size: resolution the run expects the store to have (pixels).
         num_classes: classes of a class-conditional run (the store's count); 0 for unconditional or text runs.
         text: a text-to-image run (the store must hold text features).
-        batch_size: per-device batch size.
+        batch_size: the global batch (one optimizer step over all ranks); `run_training` sets each rank's share.
         num_workers: loader processes (0: in the main process).
         in_memory: read the shards into RAM instead of memory-mapping them.
         random_flip: use the stored horizontal flip with probability 1/2.

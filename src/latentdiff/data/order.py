@@ -180,3 +180,11 @@ def generator_for(*key: int, device: torch.device | str = "cpu") -> torch.Genera
     generator = torch.Generator(device=device)
     generator.manual_seed(mix64(*key) & ((1 << 63) - 1))
     return generator
+
+
+def batch_items(batch: Any) -> int:
+    """Items in a training batch (a dict of tensors): Lightning's ThroughputMonitor `batch_size_fn`."""
+    if isinstance(batch, dict):
+        first = batch["index"] if "index" in batch else next(v for v in batch.values() if torch.is_tensor(v))
+        return int(first.shape[0])
+    return int(batch.shape[0])

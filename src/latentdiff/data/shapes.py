@@ -130,7 +130,7 @@ class ShapesDataModule(L.LightningDataModule):
         num_classes: number of shape kinds (1..6).
         num_train: training images (one epoch).
         num_val: held-out images for `val/loss` (rendered from `seed + 1`).
-        batch_size: per-device batch size.
+        batch_size: the global batch (one optimizer step over all ranks); `run_training` sets each rank's share.
         num_workers: DataLoader workers.
         seed: generation seed.
         shuffle_seed: seed of the training order (the run's `seed`).
