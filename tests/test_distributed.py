@@ -151,3 +151,19 @@ def test_rank_child_command_runs_this_job_not_the_sweep(monkeypatch, tmp_path):
     assert "-m" not in command and "model.depth=9,13,17" not in command
     assert command[2:4] == ["model.depth=9", "trainer=ddp"]
     assert f"hydra.run.dir='{tmp_path / 'multirun_x' / '3'}'" in command and "hydra.output_subdir=null" in command
+
+
+@pytest.mark.slow
+def test_multirun_of_ddp_runs_gives_one_directory_per_job(tmp_path):
+    """`-m` with DDP: each job's ranks > 0 re-run that job (not the sweep) into the job's directory."""
+    sweep = ["-m", "name=sweep", "model.depth=2,4", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"]
+    proc = _train(tmp_path, *sweep)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (multirun,) = (tmp_path / "outputs" / "sweep").iterdir()  # no second sweep started by a rank > 0
+    jobs = sorted(p.name for p in multirun.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job, depth in zip(jobs, (2, 4), strict=True):
+        ckpt = torch.load(multirun / job / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 2 and ckpt["latentdiff"]["config"]["model"]["depth"] == depth
+        (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        assert state["world_size"] == 2

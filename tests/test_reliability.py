@@ -263,3 +263,42 @@ def test_timed_checkpoints_refresh_last_ckpt(compose_cfg, monkeypatch):
     assert saves == [(1, False), (2, False), (3, False)]  # every step is "30 minutes later" here
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]
     assert load_checkpoint(run / "last.ckpt")["global_step"] == 3
+
+
+def test_sigusr2_checkpoints_then_hands_the_signal_to_the_requeue_handler(compose_cfg):
+    """submitit (hydra/launcher=slurm) requeues on SIGUSR2: latentdiff checkpoints at the step boundary first,
+    then calls the handler that was there before, once, after training stopped."""
+    from hydra.utils import instantiate
+
+    from latentdiff.training import run_training
+    from tests.faults import Kill
+
+    calls = []
+
+    def requeue(signum, frame):  # stands for submitit's checkpoint-and-requeue handler
+        ckpt = torch.load(Path(cfg.paths.output_dir) / "last.ckpt", weights_only=True)
+        calls.append((signum, ckpt["global_step"]))
+
+    cfg = compose_cfg(
+        [
+            "trainer.max_steps=8",
+            "trainer.precision=32-true",
+            "data.batch_size=16",
+            "data.num_train=64",
+            "callbacks.sample_grid=null",
+            "callbacks.progress_bar=null",
+            "trainer.enable_progress_bar=false",
+            "+callbacks.fault._target_=tests.faults.Kill",
+            "+callbacks.fault.step=3",
+            "+callbacks.fault.at=mid",
+            "+callbacks.fault.sig=SIGUSR2",
+        ]
+    )
+    assert isinstance(instantiate(cfg.callbacks.fault), Kill)
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        result = run_training(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert result["global_step"] == 3  # stopped after the signalled step
+    assert calls == [(signal.SIGUSR2, 3)]  # the requeue came after the checkpoint of that step
