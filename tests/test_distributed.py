@@ -156,7 +156,13 @@ def test_rank_child_command_runs_this_job_not_the_sweep(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_multirun_of_ddp_runs_gives_one_directory_per_job(tmp_path):
     """`-m` with DDP: each job's ranks > 0 re-run that job (not the sweep) into the job's directory."""
-    sweep = ["-m", "name=sweep", "model.depth=2,4", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"]
+    sweep = [
+        "hydra.mode=MULTIRUN",
+        "name=sweep",
+        "model.depth=2,4",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid.every_n_steps=0",
+    ]
     proc = _train(tmp_path, *sweep)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (multirun,) = (tmp_path / "outputs" / "sweep").iterdir()  # no second sweep started by a rank > 0

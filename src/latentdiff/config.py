@@ -68,8 +68,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
         group = conf_dir / key.replace(".", "/")
-        if not group.is_dir() or "(" in value or value in ("null", ""):
-            continue
+        if not group.is_dir() or "(" in value or value in ("null", "") or key.startswith("hydra/"):
+            continue  # hydra/* groups also hold the options of Hydra's plugins (launchers, sweepers)
         options = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):
             if option and option not in options:
