@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train extract sample evaluate export test test-fast bench lint format clean
+.PHONY: help install train extract sample evaluate export test test-fast bench bench-gpu lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -47,9 +47,16 @@ test: install ## Run all tests (fast tier + slow tier), CPU, offline
 test-fast: install ## Run the fast tier only
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: install ## Run the benchmarks (bench/): print tables, write JSON under outputs/bench/
+bench: install ## Benchmarks (bench/): tables + JSON under outputs/bench/; OFFICIAL_UVIT=<U-ViT checkout> adds the side-by-side
+	$(PY) bench/train.py
+	OFFICIAL_UVIT="$(OFFICIAL_UVIT)" $(PY) bench/official.py
 	$(PY) bench/loader.py
 	$(PY) bench/sampling.py
+
+bench-gpu: install ## The GPU runbook (README): U-ViT-S/2, L/2, H/2 img/s and MFU at batch 128/256, bf16, eager vs compiled
+	$(PY) bench/train.py --device cuda --data latents --models uvit_s2,uvit_l2,uvit_h2 --batch 128,256 \
+		--precision bf16 --compile eager,model --steps 30 --warmup 10 --out outputs/bench/train_gpu.json
+	OFFICIAL_UVIT="$(OFFICIAL_UVIT)" $(PY) bench/official.py --device cuda --out outputs/bench/official_gpu.json
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -34,7 +34,6 @@ SWEEP = [
     "trainer.limit_val_batches=1",
     "trainer.precision=32-true",
     "trainer.enable_model_summary=false",
-    "callbacks.throughput.window_size=5",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.checkpoint.every_n_train_steps=40",
     "callbacks.loss_curve=null",

@@ -17,7 +17,7 @@ from latentdiff.models import build_backbone
 from latentdiff.models.unet import UNet, UNetCond
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-WRAPPER_KEYS = {"_target_", "_convert_", "gradient_checkpointing", "pretrained"}
+WRAPPER_KEYS = {"_target_", "_convert_", "gradient_checkpointing", "channels_last", "pretrained"}
 
 TINY = dict(  # as conf/model/unet_tiny.yaml, class-conditional: 4 classes + the null class
     sample_size=32,

@@ -148,3 +148,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     if precision is not None and str(precision) not in allowed_precision:
         raise ConfigError(f"trainer.precision={precision} is not supported; use one of {', '.join(allowed_precision)}")
+    fused = OmegaConf.select(cfg, "optim.optimizer.fused", default=None)
+    if str(precision) == "16-mixed" and fused and _number(cfg, "trainer.gradient_clip_val"):
+        raise ConfigError(
+            "trainer.precision=16-mixed with optim.optimizer.fused=true cannot clip gradients (the fused step "
+            "unscales them itself); use trainer.precision=bf16-mixed, optim.optimizer.fused=false, "
+            "or trainer.gradient_clip_val=null"
+        )

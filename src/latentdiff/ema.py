@@ -37,6 +37,8 @@ class EMA(nn.Module):
         if update_every < 1:
             raise ValueError(f"ema.update_every={update_every} must be >= 1")
         self.model = copy.deepcopy(backbone).eval().requires_grad_(False)
+        for p in self.model.parameters():
+            p.grad = None  # a copied .grad would also make torch._foreach_lerp_ take a slow path (~300x on CPU)
         self.decay, self.warmup = float(decay), warmup
         self.update_every, self.start_step = int(update_every), int(start_step)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -45,20 +47,34 @@ class EMA(nn.Module):
         return super().train(False)  # the EMA copy always runs in eval mode (no dropout)
 
     def current_decay(self) -> float:
+        """The decay the next update uses (reads the update count: for logging, not in the training step)."""
         if self.warmup:
             n = int(self.num_updates)
             return min(self.decay, (1 + n) / (10 + n))
         return self.decay
 
     @torch.no_grad()
-    def update(self, backbone: nn.Module, step: int) -> None:
-        """Blend `backbone` into the EMA copy after optimizer step `step` (0-based)."""
+    def update(self, backbone: nn.Module, step: int, apply: torch.Tensor | None = None) -> None:
+        """Blend `backbone` into the EMA copy after optimizer step `step` (0-based).
+
+        Runs on the device without reading any value back (no host-device sync): the warm-up decay is computed
+        from the update count on the device, and `apply` (a bool tensor, e.g. "this step's gradients were
+        finite") turns the update into a no-op without the host knowing which.
+        """
         if step % self.update_every:
             return
-        decay = 0.0 if step < self.start_step else self.current_decay()
+        if step < self.start_step:
+            weight: float | torch.Tensor = 1.0  # copy the weights
+        elif self.warmup:
+            n = self.num_updates.double()
+            weight = (1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)).float()  # as the float path rounds
+        else:
+            weight = 1.0 - self.decay
+        if apply is not None:
+            weight = apply.float() * weight
         ema_params = list(self.model.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(backbone.parameters(), ema_params, strict=True)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused kernel over all tensors
+        torch._foreach_lerp_(ema_params, params, weight)  # one fused kernel over all tensors
         for e, b in zip(self.model.buffers(), backbone.buffers(), strict=True):
             e.copy_(b)
-        self.num_updates += 1
+        self.num_updates += 1 if apply is None else apply.long()

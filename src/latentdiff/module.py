@@ -20,6 +20,7 @@ from torch import nn
 
 from latentdiff.data.order import generator_for
 from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
+from latentdiff.distributed import shards_parameters
 from latentdiff.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ class DiffusionModule(L.LightningModule):
         num_classes: classes the run conditions on; the null class id is `num_classes`. 0: class labels in
             the data are ignored (unconditional training); text features are always used.
         p_uncond: probability of replacing the condition by the null condition (for CFG), in [0, 1).
-        compile: `torch.compile` the backbone's training forward (False, True, or a dict of compile kwargs).
+        compile: `torch.compile` the backbone: False, True, or a dict of `torch.compile` kwargs with an optional
+            `scope`: "model" (default: the whole backbone's training forward, one graph) or "blocks" (each
+            transformer/UNet block compiled in place, for training and sampling: shorter compile times, see
+            `compile_regions`).
         run_config: the resolved run config (plain containers), stored in every checkpoint.
         val_seed: seed of the fixed noise and timesteps used for `val/loss`, so it compares across steps.
         seed: the run's seed. The training noise, timesteps, posterior draws and label dropout of a step come
@@ -49,7 +53,9 @@ class DiffusionModule(L.LightningModule):
         nonfinite: what to do with a step whose loss or gradient is NaN/Inf: `{"policy": "skip", "max_skips": K}`
             skips the update (weights, optimizer and EMA unchanged) and stops the run with an error after K
             consecutive skipped steps, before any checkpoint holds them; `{"policy": "stop"}` stops at the
-            first; `{"policy": "off"}` checks nothing.
+            first; `{"policy": "off"}` checks nothing. With an optimizer that can skip a step on the device
+            (fused AdamW/Adam/SGD: `found_inf`, as AMP's grad scaler uses) the check costs no host-device sync:
+            the host learns of skipped steps at the next log step or checkpoint, whichever comes first.
     """
 
     def __init__(
@@ -83,18 +89,36 @@ class DiffusionModule(L.LightningModule):
         self.guard = NonFiniteGuard(**(nonfinite or {}))
         self._step_loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._step_indices: list[torch.Tensor] = []  # dataset indices of this step's micro-batches
-        self._skipped = False
+        self._grad_norm = torch.zeros(())  # of this step's gradients, computed once for the guard and clipping
+        self._update_ok: torch.Tensor | bool = True  # this step's update is applied (a device bool, or a host bool)
         self._rng_to_restore: dict | None = None
         self.register_buffer("null_text", None, persistent=False)  # set by text datamodules (empty prompt)
         self._train_forward: Callable = backbone
+        self._compiled = False
         self._register_state_dict_hook(_drop_frozen_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
     # ----------------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
-        if self.compile_options and self._train_forward is self.backbone:
-            options = self.compile_options if isinstance(self.compile_options, dict) else {}
+        if not self.compile_options or self._compiled:
+            return
+        options = dict(self.compile_options) if isinstance(self.compile_options, dict) else {}
+        scope = options.pop("scope", "model")
+        if scope == "model":
             self._train_forward = torch.compile(self.backbone, **options)
+        elif scope == "blocks":
+            regions = compile_regions(self.backbone)
+            # every block is its own compiled frame: past dynamo's recompile limit (8) the rest would run eager
+            limit = max(torch._dynamo.config.recompile_limit, 2 * len(regions))
+            torch._dynamo.config.recompile_limit = limit
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4 * limit
+            )
+            for region in regions:
+                region.compile(**options)  # in place: state-dict keys do not change
+        else:
+            raise ValueError(f"module.compile.scope={scope!r} is not allowed; use one of 'model', 'blocks'")
+        self._compiled = True
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.backbone.parameters())  # the EMA copy is never optimized
@@ -149,7 +173,9 @@ class DiffusionModule(L.LightningModule):
         self._step_loss_finite = finite if self._step_loss_finite is None else self._step_loss_finite & finite
         if "index" in batch:
             self._step_indices.append(batch["index"].detach())
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        # not prog_bar=True: Lightning reads progress-bar values back to the host after every batch (a sync);
+        # latentdiff.callbacks.ProgressBar shows train/loss, read only when the bar refreshes
+        self.log("train/loss", loss, batch_size=x0.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -157,32 +183,79 @@ class DiffusionModule(L.LightningModule):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         loss_finite, self._step_loss_finite = self._step_loss_finite, None
         indices, self._step_indices = self._step_indices, []
-        self._skipped = False
+        self._update_ok = True
+        if hasattr(optimizer, "found_inf") and not self._scaled_fp16:
+            del optimizer.found_inf  # left by an earlier step of this module
         if self.guard.policy != "off":
-            # fp16 loss scaling produces Inf gradients by design (the scaler skips those steps): only the loss
-            grad_ok = str(self.trainer.precision) == "16-mixed" or bool(torch.isfinite(norm))
-            loss_ok = loss_finite is None or bool(loss_finite)
-            # one decision for all ranks: a step skipped anywhere is skipped everywhere (weights stay equal)
-            loss_ok = self.trainer.strategy.reduce_boolean_decision(loss_ok, all=True)
-            grad_ok = self.trainer.strategy.reduce_boolean_decision(grad_ok, all=True)
-            if not (grad_ok and loss_ok):
-                what = "loss" if not loss_ok else "gradient"
-                batch = torch.cat(indices).tolist() if indices else []
-                self.guard.nonfinite(what, self.trainer.global_step + 1, self.trainer.current_epoch, batch)
-                for p in self.backbone.parameters():
-                    p.grad = None  # the optimizer leaves parameters without gradients untouched
-                self._skipped = True
-                self.log("train/nonfinite_steps", float(self.guard.total), batch_size=1)
-                return
-            self.guard.finite()
+            # verdict: 0 finite, 1 non-finite gradient, 2 non-finite loss; fp16 loss scaling produces Inf
+            # gradients by design (the scaler skips those steps), so then only the loss is checked
+            verdict = torch.zeros((), dtype=torch.int32, device=norm.device)
+            if not self._scaled_fp16:
+                verdict = torch.where(torch.isfinite(norm), verdict, 1)
+            if loss_finite is not None:
+                verdict = torch.where(loss_finite.to(verdict.device), verdict, 2)
+            verdict = _all_ranks_max(verdict)  # a step skipped anywhere is skipped everywhere (weights stay equal)
+            ok = verdict == 0
+            batch = torch.cat(indices) if indices else None
+            self.guard.record(self.trainer.global_step + 1, self.trainer.current_epoch, batch, verdict)
+            if not self._scaled_fp16 and getattr(optimizer, "_step_supports_amp_scaling", False):
+                optimizer.found_inf = (~ok).float()  # the fused kernels skip the update on the device
+                self._update_ok = ok
+            else:
+                self.guard.flush()  # this optimizer cannot skip on the device: decide on the host now
+                if not bool(ok):
+                    for p in self.backbone.parameters():
+                        p.grad = None  # the optimizer leaves parameters without gradients untouched
+                    self._update_ok = False
+        self._grad_norm = norm
         if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             self.log("train/grad_norm", norm, batch_size=1)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """`trainer.gradient_clip_val`, reusing the gradient norm of `on_before_optimizer_step` (one pass over the
+        gradients instead of two, no sync), and allowed with fused optimizers (Lightning refuses those because
+        under fp16 they unscale internally; `validate_train_config` refuses that combination)."""
+        if not gradient_clip_val:
+            return
+        params = [p for p in self.backbone.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif shards_parameters(self.trainer):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP: the norm over all shards
+        elif params:
+            # as torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))
+            coef = torch.clamp(gradient_clip_val / (self._grad_norm + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
+
+    @property
+    def _scaled_fp16(self) -> bool:
+        return str(self.trainer.precision) == "16-mixed"  # the grad scaler owns optimizer.found_inf
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Lightning calls this once per real optimizer step (after gradient accumulation)
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None and not self._skipped:
-            self.ema.update(self.backbone, self.trainer.global_step - 1)  # global_step already counts this one
+        if self.ema is not None and self._update_ok is not False:
+            apply = self._update_ok if isinstance(self._update_ok, torch.Tensor) else None
+            self.ema.update(self.backbone, self.trainer.global_step - 1, apply)  # global_step counts this step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.guard.pending and self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._flush_guard()
+
+    def on_train_end(self) -> None:
+        self.guard.flush()
+
+    def _flush_guard(self) -> None:
+        """Read the skipped-step record back (one sync per log interval), warn or stop as the policy says."""
+        before = self.guard.total
+        self.guard.flush()
+        if self.guard.total != before:
+            self.log("train/nonfinite_steps", float(self.guard.total), batch_size=1)
 
     # ------------------------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -214,6 +287,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from latentdiff.utils import framework_versions
 
+        self.guard.flush()  # a checkpoint never holds a state the policy stops at
         checkpoint["latentdiff"] = {
             "config": self.run_config,
             "versions": framework_versions(),
@@ -239,6 +313,32 @@ class DiffusionModule(L.LightningModule):
     def sampling_backbone(self) -> nn.Module:
         """The network to sample with: the EMA copy when there is one."""
         return self.ema.model if self.ema is not None else self.backbone
+
+
+def _all_ranks_max(value: torch.Tensor) -> torch.Tensor:
+    """The maximum of `value` over all ranks: a collective queued on the device, no host-device sync."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def compile_regions(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a backbone, each compiled on its own by `module.compile.scope=blocks`.
+
+    The items of every `nn.ModuleList` and every `mid_block`, found from the top down without entering a
+    block: U-ViT's in-blocks, mid block and out-blocks; a diffusers UNet's down, mid and up blocks.
+    """
+    regions: list[nn.Module] = []
+    for name, child in backbone.named_children():
+        if isinstance(child, nn.ModuleList):
+            regions.extend(child)
+        elif name == "mid_block" and child is not None:
+            regions.append(child)
+        else:
+            regions.extend(compile_regions(child))
+    return regions
 
 
 def _drop_frozen_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -274,6 +374,29 @@ class NonFiniteGuard:
             raise ValueError(f"module.nonfinite.max_skips={max_skips!r} must be an integer >= 0")
         self.policy, self.max_skips = policy, max_skips
         self.consecutive, self.total = 0, 0
+        self._pending: list[tuple[int, int, torch.Tensor | None, torch.Tensor]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def record(self, step: int, epoch: int, indices: torch.Tensor | None, verdict: torch.Tensor) -> None:
+        """Keep one step's verdict (a device int: 0 finite, 1 non-finite gradient, 2 non-finite loss) and its
+        batch's dataset indices, to be read back by `flush`."""
+        self._pending.append((step, epoch, indices, verdict))
+
+    def flush(self) -> None:
+        """Read the recorded verdicts back in one transfer and apply the policy to each step in order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        verdicts = torch.stack([v.reshape(()) for *_, v in pending]).tolist()
+        for (step, epoch, indices, _), verdict in zip(pending, verdicts, strict=True):
+            if verdict == 0:
+                self.finite()
+            else:
+                what = "loss" if verdict == 2 else "gradient"
+                self.nonfinite(what, step, epoch, [] if indices is None else indices.tolist())
 
     def nonfinite(self, what: str, step: int, epoch: int, indices: list[int]) -> None:
         """Record a bad step; raise `NonFiniteError` when the policy says stop."""

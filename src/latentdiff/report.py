@@ -9,7 +9,7 @@ Each run directory (one holding `config.yaml`) gives a row:
   else the resolved configs' differing `model.*` keys);
 - params and GFLOPs of its backbone (`latentdiff.flops`; GFLOPs as the U-ViT and DiT papers count them:
   forward multiply-accumulates per image);
-- img/s: the training throughput over all ranks (Lightning's ThroughputMonitor, `train/samples_per_sec` in
+- img/s: the training throughput over all ranks (`latentdiff.callbacks.Throughput`, `train/samples_per_sec` in
   metrics.csv), the median of the logged windows;
 - the final step and losses: the last `val/loss`, `val/loss_ema` and the mean train loss of the last 10% of
   the logged steps;
@@ -47,7 +47,7 @@ _REPORT_FILES = {
     "fid_vs_params.png",
     "val_loss_curves.png",
 }
-# Lightning's ThroughputMonitor: images/s over all ranks (logged when world size > 1), else one device's
+# latentdiff.callbacks.Throughput: images/s over all ranks, else one device's
 _THROUGHPUT = ("train/samples_per_sec", "train/device/samples_per_sec")
 
 

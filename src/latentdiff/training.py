@@ -152,7 +152,6 @@ def _quiet_known_warnings() -> None:
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*does not have many workers.*",  # in-memory data needs none
         r".*is not supported by the model summary.*",  # bf16-mixed: the summary's size estimate only
-        r".*you need to define a `flops_per_batch`.*",  # ThroughputMonitor: img/s is what is logged
     ):
         warnings.filterwarnings("ignore", message=message)
 

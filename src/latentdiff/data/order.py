@@ -183,7 +183,7 @@ def generator_for(*key: int, device: torch.device | str = "cpu") -> torch.Genera
 
 
 def batch_items(batch: Any) -> int:
-    """Items in a training batch (a dict of tensors): Lightning's ThroughputMonitor `batch_size_fn`."""
+    """Items in a training batch (a dict of tensors): what the `Throughput` callback counts."""
     if isinstance(batch, dict):
         first = batch["index"] if "index" in batch else next(v for v in batch.values() if torch.is_tensor(v))
         return int(first.shape[0])

@@ -150,7 +150,7 @@ class ShapesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle_seed: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         channels: int = 3,
         latent_size: int | None = None,
         latent_channels: int | None = None,
@@ -183,7 +183,7 @@ class ShapesDataModule(L.LightningDataModule):
     def _loader_options(self) -> dict:
         return {
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.num_workers > 0,
         }
 

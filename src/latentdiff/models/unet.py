@@ -58,23 +58,33 @@ class _DiffusersUNet(nn.Module):
 
     diffusers_cls: ClassVar[type[ModelMixin]]
 
-    def __init__(self, gradient_checkpointing: bool = False, **unet_kwargs: Any) -> None:
+    def __init__(self, gradient_checkpointing: bool = False, channels_last: bool = False, **unet_kwargs: Any) -> None:
         super().__init__()
         self.unet = self.diffusers_cls(**_check_kwargs(self.diffusers_cls, unet_kwargs))
+        self.channels_last = bool(channels_last)
+        self._set_options(self.unet, gradient_checkpointing)
+
+    def _set_options(self, unet: ModelMixin, gradient_checkpointing: bool) -> None:
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing()
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)  # NHWC weights: what cuDNN's tensor-core convs run on
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, gradient_checkpointing: bool = False, **kwargs: Any) -> _DiffusersUNet:
+    def from_pretrained(
+        cls, path: str | Path, gradient_checkpointing: bool = False, channels_last: bool = False, **kwargs: Any
+    ) -> _DiffusersUNet:
         """Load a diffusers folder: a local path or a hub id; `kwargs` go to diffusers' `from_pretrained`."""
         unet = cls.diffusers_cls.from_pretrained(path, **kwargs)
         config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
         with torch.device("meta"):  # checks the config without allocating a second copy of the weights
-            model = cls(**config)
+            model = cls(channels_last=channels_last, **config)
         model.unet = unet
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        model._set_options(unet, gradient_checkpointing)
         return model
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Write a diffusers folder (config.json + safetensors weights) that `from_pretrained` reads."""
@@ -111,6 +121,8 @@ class UNet(_DiffusersUNet):
 
     Args:
         gradient_checkpointing: Recompute block activations in the backward pass to save memory.
+        channels_last: Keep weights and activations in NHWC memory order (same outputs; faster convolutions
+            on GPUs with tensor cores, measured by `bench/train.py`).
         **unet_kwargs: Any `UNet2DModel` constructor argument, by its diffusers name.
     """
 
@@ -134,7 +146,7 @@ class UNet(_DiffusersUNet):
             size = tuple(x.shape[-2:])
             raise ValueError(f"input size {size} is not divisible by {factor}; see model.sample_size")
         t = self._timesteps(x, timesteps)  # (B,)
-        return self.unet(x, t, self._class_labels(x, cond), return_dict=False)[0]  # (B, C_out, H, W)
+        return self.unet(self._input(x), t, self._class_labels(x, cond), return_dict=False)[0]  # (B, C_out, H, W)
 
 
 class UNetCond(_DiffusersUNet):
@@ -142,6 +154,7 @@ class UNetCond(_DiffusersUNet):
 
     Args:
         gradient_checkpointing: Recompute block activations in the backward pass to save memory.
+        channels_last: Keep weights and activations in NHWC memory order (see `UNet`).
         **unet_kwargs: Any `UNet2DConditionModel` constructor argument, by its diffusers name.
     """
 
@@ -180,4 +193,4 @@ class UNetCond(_DiffusersUNet):
             )
         t = self._timesteps(x, timesteps)  # (B,)
         labels = self._class_labels(x, class_labels)  # (B,) or None
-        return self.unet(x, t, cond, class_labels=labels, return_dict=False)[0]  # (B, C_out, H, W)
+        return self.unet(self._input(x), t, cond, class_labels=labels, return_dict=False)[0]  # (B, C_out, H, W)

@@ -1,0 +1,190 @@
+"""The fast training step: no host-device sync between log steps, the device-side skip of non-finite steps,
+gradient clipping from the guard's norm, EMA on the device, regional compilation, channels_last UNets."""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections import Counter
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.ema import EMA
+from latentdiff.models import build_backbone
+from latentdiff.module import compile_regions
+from latentdiff.training import build_module, run_training
+
+from .conftest import TINY_RUN
+
+# Tensor methods that read a value back to the host: each one waits for the GPU (a sync) on a CUDA tensor
+_READBACKS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+class _SyncSpy(L.Callback):
+    """Counts host read-backs of tensors per optimizer step being computed (1-based), with where they came from."""
+
+    def __init__(self):
+        self.step = 0
+        self.calls: dict[int, Counter] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step = trainer.global_step + 1
+
+    def record(self, name: str) -> None:
+        frame = next(
+            (f for f in reversed(traceback.extract_stack()[:-2]) if "test_performance" not in f.filename), None
+        )
+        where = f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}" if frame else "?"
+        self.calls.setdefault(self.step, Counter())[f"{name} at {where}"] += 1
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    spy = _SyncSpy()
+    for name in _READBACKS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, __name=name, __original=original, **kwargs):
+            if spy.step:
+                spy.record(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return spy
+
+
+def test_training_steps_read_nothing_back_from_the_device_between_log_steps(compose_cfg, spy):
+    """Between log steps the step (data, loss, backward, guard, clipping, AdamW, EMA) and the callbacks
+    (throughput, loss curve, checkpoints, preemption, progress bar) never wait for the device."""
+    overrides = [*TINY_RUN, "trainer.max_steps=12", "trainer.log_every_n_steps=5", "trainer.limit_val_batches=0"]
+    overrides += ["trainer.enable_progress_bar=true", "callbacks.checkpoint.every_n_train_steps=100"]
+    cfg = compose_cfg([o for o in overrides if o != "callbacks.progress_bar=null"])
+    cfg.callbacks.progress_bar.refresh_rate = 5  # the default: ${trainer.log_every_n_steps}
+    spy.step = 0
+    cfg_callbacks = cfg.callbacks
+    from hydra.utils import instantiate  # noqa: F401  (the run builds its callbacks; the spy is added below)
+
+    original_fit = L.Trainer.fit
+
+    def fit(trainer, *args, **kwargs):
+        trainer.callbacks.append(spy)
+        return original_fit(trainer, *args, **kwargs)
+
+    L.Trainer.fit = fit
+    try:
+        result = run_training(cfg)
+    finally:
+        L.Trainer.fit = original_fit
+    assert result["global_step"] == 12 and cfg_callbacks.throughput is not None
+    quiet = {step: calls for step, calls in spy.calls.items() if step % 5 and step != 12}  # 12: the end
+    assert not quiet, f"host read-backs in steps that log nothing: {quiet}"
+    assert spy.calls.get(5) or spy.calls.get(10), "the spy saw no log step: it does not work"
+
+
+def test_clipping_reuses_the_guard_norm_and_equals_torch_clip_grad_norm(compose_cfg):
+    module = build_module(compose_cfg(["model=uvit_tiny"]))
+    module._trainer = SimpleNamespace(strategy=object())
+    torch.manual_seed(0)
+    for p in module.backbone.parameters():
+        p.grad = torch.randn_like(p)
+    reference = copy.deepcopy(module.backbone)
+    for ours, theirs in zip(module.backbone.parameters(), reference.parameters(), strict=True):
+        theirs.grad = ours.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    module._grad_norm = torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm([p.grad for p in module.backbone.parameters()]))
+    )
+    torch.testing.assert_close(module._grad_norm, expected)
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    for ours, theirs in zip(module.backbone.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+def test_ema_update_masked_on_the_device_is_a_no_op_and_equals_the_plain_update():
+    net = torch.nn.Linear(4, 4)
+    ema, plain = EMA(net, decay=0.99), EMA(net, decay=0.99)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(net, 3, apply=torch.tensor(False))
+    assert torch.equal(ema.model.weight, before) and int(ema.num_updates) == 0
+    ema.update(net, 3, apply=torch.tensor(True))
+    plain.update(net, 3)
+    assert torch.equal(ema.model.weight, plain.model.weight) and int(ema.num_updates) == 1
+    # the warm-up decay computed on the device is the float formula: min(d, (1 + n) / (10 + n)) with n = 0
+    expected = before + (1 - 1 / 10) * (net.weight.detach() - before)
+    torch.testing.assert_close(ema.model.weight, expected, rtol=0, atol=1e-6)
+
+
+def test_fused_adamw_skip_on_the_device_leaves_weights_and_state_unchanged():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = torch.ones(4)
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    weight = p.detach().clone()
+    p.grad = torch.full((4,), float("nan"))
+    opt.found_inf = torch.tensor(1.0)  # what DiffusionModule sets for a non-finite step
+    opt.step()
+    assert torch.equal(p.detach(), weight)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_fp16_with_a_fused_optimizer_and_clipping_is_a_one_line_error(compose_cfg):
+    cfg = compose_cfg(["trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"])
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed with optim.optimizer.fused=true"):
+        validate_train_config(cfg)
+    validate_train_config(compose_cfg(["trainer.precision=16-mixed", "optim.optimizer.fused=false"]))
+
+
+@pytest.mark.parametrize("model", ["uvit_tiny", "unet_tiny"])
+def test_compile_regions_are_the_repeated_blocks(compose_cfg, model):
+    backbone = build_backbone(compose_cfg([f"model={model}"]).model)
+    regions = compile_regions(backbone)
+    if model == "uvit_tiny":
+        assert regions == [*backbone.in_blocks, backbone.mid_block, *backbone.out_blocks]
+    else:
+        unet = backbone.unet
+        assert regions == [*unet.down_blocks, *unet.up_blocks, unet.mid_block] or set(map(id, regions)) == set(
+            map(id, [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+        )
+
+
+def test_unknown_compile_scope_is_a_one_line_error(compose_cfg):
+    module = build_module(compose_cfg(["model=uvit_tiny", "+module.compile.scope=layers"]))
+    with pytest.raises(ValueError, match=r"module.compile.scope='layers' is not allowed; use one of 'model', 'blocks'"):
+        module.configure_model()
+
+
+@pytest.mark.slow
+def test_training_with_blocks_compiled_matches_eager(tmp_path):
+    """Per-block compilation trains the same model: the same losses as eager to float tolerance."""
+    from .conftest import compose_config
+
+    eager = run_training(compose_config([*TINY_RUN, "trainer.max_steps=2"], tmp_path / "eager"))
+    blocks = [*TINY_RUN, "trainer.max_steps=2", "+module.compile.scope=blocks"]
+    compiled = run_training(compose_config(blocks, tmp_path / "blocks"))
+    assert compiled["global_step"] == 2
+    losses = [torch.tensor(run["metrics"]["train/loss"]) for run in (compiled, eager)]
+    torch.testing.assert_close(*losses, rtol=1e-3, atol=1e-4)
+
+
+def test_channels_last_unet_gives_the_same_outputs_and_gradients(compose_cfg):
+    cfg = compose_cfg(["model=unet_tiny"]).model
+    torch.manual_seed(0)
+    plain = build_backbone(cfg)
+    cfg.channels_last = True
+    nhwc = build_backbone(cfg)
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.tensor([0, 2])
+    out_plain, out_nhwc = plain(x, t, y), nhwc(x, t, y)
+    torch.testing.assert_close(out_nhwc, out_plain, rtol=1e-4, atol=1e-5)
+    out_plain.square().mean().backward()
+    out_nhwc.square().mean().backward()
+    grads = [(a.grad, b.grad) for a, b in zip(plain.parameters(), nhwc.parameters(), strict=True)]
+    assert all(torch.allclose(a, b.contiguous(), rtol=1e-3, atol=1e-5) for a, b in grads)
