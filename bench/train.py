@@ -91,6 +91,14 @@ def steps_for(args: argparse.Namespace, model: str) -> tuple[int, int]:
     return CPU_STEPS.get(model, (2, 5))
 
 
+def compiles_for(args: argparse.Namespace, model: str) -> list[str]:
+    if args.compiles:
+        return args.compiles
+    if args.device.type == "cuda":
+        return ["eager", "model"]
+    return ["eager", "blocks"] if model in CPU_BATCH else ["eager"]
+
+
 def batches_for(args: argparse.Namespace, model: str) -> list[int]:
     if args.batch:
         return [int(b) for b in args.batch.split(",")]
@@ -256,12 +264,17 @@ def component_rows(args: argparse.Namespace, model: str, batch: int) -> list[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="uvit_tiny,uvit_s2,unet", help="model presets (conf/model/)")
+    parser.add_argument("--models", default="uvit_tiny,unet_tiny,uvit_s2,unet", help="model presets (conf/model/)")
     parser.add_argument(
         "--batch", default="", help="global batch, or a comma list (default: 8, tiny presets 32; 128 on GPU)"
     )
     parser.add_argument("--precision", default="", help="fp32,bf16 (default: both where the device has bf16)")
-    parser.add_argument("--compile", default="eager,blocks", help="eager, blocks (per-block torch.compile), model")
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="eager, blocks (per-block torch.compile), model; default: eager,model on GPU, on CPU eager,blocks for the "
+        "tiny presets and eager for the others (compiling them takes minutes on 2 cores)",
+    )
     parser.add_argument("--data", default="shapes", choices=["shapes", "latents"])
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default by device and model)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
@@ -275,7 +288,7 @@ def main() -> None:
     args.device = pick_device(args.device)
     bf16 = (args.device.type == "cuda" and torch.cuda.is_bf16_supported()) or args.device.type == "cpu"
     args.precisions = args.precision.split(",") if args.precision else (["fp32", "bf16"] if bf16 else ["fp32"])
-    args.compiles = args.compile.split(",")
+    args.compiles = args.compile.split(",") if args.compile else []
     models = args.models.split(",")
     env = environment(args.device)
     print(
@@ -295,7 +308,7 @@ def main() -> None:
             params, gmacs = model_cost(args, model)
             for batch in batches_for(args, model):
                 for precision in args.precisions:
-                    for compile in args.compiles:
+                    for compile in compiles_for(args, model):
                         row = {"model": model, "params_m": params, "gmacs": gmacs, "batch": batch}
                         row.update(precision=precision, compile=compile)
                         row.update(lightning_run(args, model, batch, precision, compile))
@@ -392,13 +405,15 @@ def main() -> None:
 def extra_rows(args: argparse.Namespace, model: str, runs: list[dict]) -> list[dict]:
     """One option at a time against the preset's eager run in the last precision: what each option buys."""
     options: list[tuple[str, str, list[str]]] = []
+    if args.device.type == "cpu" and model not in CPU_BATCH and not args.compiles:
+        return []  # minutes each on 2 cores: ask for them with --compile
     if model.startswith("uvit"):
         options.append(("use_checkpoint=true", "eager", ["model.use_checkpoint=true"]))
-        if "model" not in args.compiles:
+        if "model" not in compiles_for(args, model):
             options.append(("whole-model compile", "model", []))
     if model.startswith("unet"):
         options.append(("channels_last=true", "eager", ["model.channels_last=true"]))
-        if "model" not in args.compiles and model == "unet_tiny":
+        if "model" not in compiles_for(args, model) and model == "unet_tiny":
             options.append(("whole-model compile", "model", []))
     precision, out = args.precisions[-1], []
     base = {
