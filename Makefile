@@ -56,6 +56,9 @@ bench: install ## Benchmarks (bench/): tables + JSON under outputs/bench/; OFFIC
 bench-gpu: install ## The GPU runbook (README): U-ViT-S/2, L/2, H/2 img/s and MFU at batch 128/256, bf16, eager vs compiled
 	$(PY) bench/train.py --device cuda --data latents --models uvit_s2,uvit_l2,uvit_h2 --batch 128,256 \
 		--precision bf16 --compile eager,model --steps 30 --warmup 10 --out outputs/bench/train_gpu.json
+	$(PY) bench/train.py --device cuda --data latents --models uvit_s2,uvit_l2,uvit_h2 --batch 128 \
+		--precision bf16 --compile eager,model --steps 30 --warmup 10 --no-options --no-components \
+		--out outputs/bench/train_gpu_no_checkpointing.json model.use_checkpoint=false
 	OFFICIAL_UVIT="$(OFFICIAL_UVIT)" $(PY) bench/official.py --device cuda --out outputs/bench/official_gpu.json
 
 lint: install ## ruff check and format check

@@ -15,7 +15,7 @@ tensor), and the official gradient checkpointing (reentrant) where the config as
 Ours: `latentdiff.models.uvit.UViT` with the same constructor arguments and the official weights (loaded with
 `strict=True`), the same inputs and optimizer hyper-parameters, but `AdamW(fused=True)` and
 `latentdiff.ema.EMA(decay=0.9999, warmup=False)` (one fused lerp over all tensors); variant "eager" as is,
-"blocks" compiles each transformer block (`blk.compile()`), "model" the whole network (`torch.compile`).
+"blocks" compiles each block (`latentdiff.module.compile_blocks`), "model" the whole network (`torch.compile`).
 Precision "bf16" wraps forward and loss in `torch.autocast(device, torch.bfloat16)` on both sides.
 
 Before timing, one fp32 step on both sides from identical weights checks that they compute the same thing: the
@@ -209,6 +209,7 @@ def official_side(
 def our_side(variant: str, kwargs: dict, state: dict, device: torch.device) -> Side:
     from latentdiff.ema import EMA
     from latentdiff.models.uvit import UViT
+    from latentdiff.module import compile_blocks
 
     model = UViT(**kwargs).to(device).train()
     model.load_state_dict(state, strict=True)
@@ -216,8 +217,7 @@ def our_side(variant: str, kwargs: dict, state: dict, device: torch.device) -> S
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True)
     forward: Callable = model
     if variant == "blocks":
-        for blk in [*model.in_blocks, model.mid_block, *model.out_blocks]:
-            blk.compile()
+        compile_blocks(model)  # each block in place, as module.compile={scope:blocks}
     elif variant == "model":
         forward = torch.compile(model)
     return Side(

@@ -408,7 +408,10 @@ def extra_rows(args: argparse.Namespace, model: str, runs: list[dict]) -> list[d
     if args.device.type == "cpu" and model not in CPU_BATCH and not args.compiles:
         return []  # minutes each on 2 cores: ask for them with --compile
     if model.startswith("uvit"):
-        options.append(("use_checkpoint=true", "eager", ["model.use_checkpoint=true"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            preset = compose_config([f"model={model}"], Path(tmp)).model.use_checkpoint
+        flipped = str(not preset).lower()  # what recomputation costs, or what it saves to turn it off
+        options.append((f"use_checkpoint={flipped}", "eager", [f"model.use_checkpoint={flipped}"]))
         if "model" not in compiles_for(args, model):
             options.append(("whole-model compile", "model", []))
     if model.startswith("unet"):

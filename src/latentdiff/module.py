@@ -107,15 +107,7 @@ class DiffusionModule(L.LightningModule):
         if scope == "model":
             self._train_forward = torch.compile(self.backbone, **options)
         elif scope == "blocks":
-            regions = compile_regions(self.backbone)
-            # every block is its own compiled frame: past dynamo's recompile limit (8) the rest would run eager
-            limit = max(torch._dynamo.config.recompile_limit, 2 * len(regions))
-            torch._dynamo.config.recompile_limit = limit
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4 * limit
-            )
-            for region in regions:
-                region.compile(**options)  # in place: state-dict keys do not change
+            compile_blocks(self.backbone, **options)
         else:
             raise ValueError(f"module.compile.scope={scope!r} is not allowed; use one of 'model', 'blocks'")
         self._compiled = True
@@ -338,6 +330,21 @@ def compile_regions(backbone: nn.Module) -> list[nn.Module]:
             regions.append(child)
         else:
             regions.extend(compile_regions(child))
+    return regions
+
+
+def compile_blocks(backbone: nn.Module, **options: Any) -> list[nn.Module]:
+    """`torch.compile` each of `compile_regions(backbone)` in place (state-dict keys do not change); returns them.
+
+    Every block is its own compiled frame: dynamo's recompile limit (8 per code object) is raised to twice the
+    number of blocks, or the blocks past the limit would silently run eager.
+    """
+    regions = compile_regions(backbone)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * len(regions))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * config.recompile_limit)
+    for region in regions:
+        region.compile(**options)
     return regions
 
 
