@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=16384, help="items of the synthetic store")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--sd-images", type=int, default=16, help="images encoded with the SD-VAE architecture")
+    parser.add_argument("--sd-images", type=int, default=4, help="images encoded with the SD-VAE architecture")
     parser.add_argument("--out", default=str(ROOT / "outputs/bench/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 16))

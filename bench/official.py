@@ -384,7 +384,7 @@ def main() -> None:
     parser.add_argument("--official", default=os.environ.get("OFFICIAL_UVIT"), help="checkout of baofff/U-ViT")
     parser.add_argument("--configs", type=lambda v: comma_list(v, tuple(CONFIGS)), help="default: CPU tiny,s2_cifar")
     parser.add_argument("--batch", type=lambda v: [int(b) for b in comma_list(v)], help="default: per config")
-    parser.add_argument("--precision", type=lambda v: comma_list(v, tuple(PRECISIONS)), help="default: CPU both")
+    parser.add_argument("--precision", type=lambda v: comma_list(v, tuple(PRECISIONS)), help="default: bf16")
     parser.add_argument("--variants", type=lambda v: comma_list(v, VARIANTS), default=["eager", "blocks"])
     parser.add_argument("--steps", type=int, help="timed steps (default 6 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps before each timing (default 2 CPU, 10 GPU)")
@@ -407,7 +407,7 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     gpu = device.type == "cuda"
     args.configs = args.configs or (["s2", "l2", "h2"] if gpu else ["tiny", "s2_cifar"])
-    args.precision = args.precision or (["bf16"] if gpu else ["fp32", "bf16"])
+    args.precision = args.precision or ["bf16"]
     args.steps = (30 if gpu else 6) if args.steps is None else args.steps
     args.warmup = (10 if gpu else 2) if args.warmup is None else args.warmup
 

@@ -48,9 +48,8 @@ def bench_sampling(batch: int) -> list[dict]:
 
     rows = []
     for model, (name, steps) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
-        cfg = compose_config(
-            [f"sampler={name}", f"model={model}", f"sampler.steps={steps}", "sampler.guidance_scale=2"]
-        )
+        overrides = [f"sampler={name}", f"model={model}", "sampler.guidance_scale=2"]
+        cfg = compose_config(overrides + ([f"sampler.steps={steps}"] if steps is not None else []))
         module = build_module(cfg).eval()
         module.latent_shape = (3, 32, 32)
         steps = int(cfg.sampler.steps)
