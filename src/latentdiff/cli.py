@@ -49,6 +49,22 @@ def _undo_hydra_writes(run_dir: Path, subdir: str | None) -> None:
 _SWEEP_MARKS = ("glob(", "range(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
 
 
+def plain_entry(run: Callable[[list[str]], Any], argv: list[str] | None, doc: str | None) -> Any:
+    """A `key=value` command without Hydra (`latentdiff.flops`, `latentdiff.report`): `--help` prints `doc`;
+    a `ConfigError` is one line on stderr and exit status 2 (LATENTDIFF_DEBUG=1: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        return None
+    try:
+        return run(argv)
+    except ConfigError as err:
+        if os.environ.get("LATENTDIFF_DEBUG") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None:
     """Compose the config once before Hydra runs, so that an override Hydra rejects (a misspelt key, a bad
     value type) is one line naming it instead of Hydra's multi-line report. Sweeps (`-m`) are left to Hydra.

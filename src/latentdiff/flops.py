@@ -22,8 +22,6 @@ import copy
 import itertools
 import json
 import math
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,20 +215,15 @@ def config_cost(cfg: DictConfig) -> ModelCost:
 
 @contextlib.contextmanager
 def _config_errors() -> Iterator[None]:
-    """Errors of a config that cannot be built or run, as one-line `ConfigError`s."""
-    from hydra.errors import InstantiationException
+    """Errors of a config that cannot be built or run, as one-line `ConfigError`s (also OmegaConf's)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from latentdiff.training import user_errors
+
     try:
-        yield
-    except ConfigError:
-        raise
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
-            raise ConfigError(_first_line(cause)) from cause
-        raise
-    except (ValueError, OmegaConfBaseException) as err:
+        with user_errors():
+            yield
+    except OmegaConfBaseException as err:
         raise ConfigError(_first_line(err)) from err
 
 
@@ -315,17 +308,9 @@ def run(argv: list[str]) -> list[ModelCost]:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m latentdiff.flops [train.yaml overrides] [json=true]`; a config mistake is one line, exit 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return
-    try:
-        run(argv)
-    except ConfigError as err:
-        if os.environ.get("LATENTDIFF_DEBUG") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from latentdiff.cli import plain_entry
+
+    plain_entry(run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ class DiffusionModule(L.LightningModule):
         # Only when the loggers write (Lightning's `log` costs ~1 ms of Python per call), and not prog_bar=True:
         # Lightning reads progress-bar values back to the host after every batch (a sync);
         # latentdiff.callbacks.ProgressBar shows train/loss, read only when the bar refreshes
-        if self._trainer is None or self._logs_this_step():
+        if self._logs_this_step():
             self.log("train/loss", loss, batch_size=x0.shape[0])
         return loss
 

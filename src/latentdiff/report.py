@@ -26,9 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,20 +407,12 @@ def _parse(argv: list[str]) -> tuple[list[Path], Path | None]:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m latentdiff.report dir=<multirun dir> [out=<dir>]`: print the table, write the files."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return
-    try:
-        dirs, out = _parse(argv)
-        result = write_report(dirs, out)
-    except ConfigError as err:
-        if os.environ.get("LATENTDIFF_DEBUG") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(result["markdown"], end="")
-    print("wrote " + ", ".join(result["files"]))
+    from latentdiff.cli import plain_entry
+
+    result = plain_entry(lambda args: write_report(*_parse(args)), argv, __doc__)
+    if result is not None:
+        print(result["markdown"], end="")
+        print("wrote " + ", ".join(result["files"]))
 
 
 if __name__ == "__main__":
