@@ -1,10 +1,16 @@
-"""Frozen autoencoders: the identity (pixel space) and the Stable Diffusion VAE (`AutoencoderKL`).
+"""Frozen autoencoders: the identity (pixel space), the Stable Diffusion VAE (`AutoencoderKL`) and a VQ-GAN
+tokenizer (`VQModel`, for masked-token models such as aMUSEd).
 
-Both offer the same three calls, and the wrapper owns the scaling factor:
+The continuous ones offer the same three calls, and the wrapper owns the scaling factor:
 
     moments = ae.encode_moments(images)   # images in [-1, 1]; KL: (B, 2C, h, w) = mean ++ logvar
     z = ae.sample(moments)                # z = scale * (mean + std * eps)
     images = ae.decode(z)                 # back to [-1, 1] pixels
+
+The tokenizer offers the discrete pair:
+
+    ids = vq.encode_tokens(images)        # images in [-1, 1] -> (B, h, w) int64 codebook ids
+    images = vq.decode_tokens(ids)        # back to [-1, 1] pixels
 
 They are never trained and never written to a checkpoint (the Lightning module drops them from its
 state dict).
@@ -138,20 +144,147 @@ class FrozenAutoencoderKL(nn.Module):
         sd-vae-ft-mse (same encoder, fine-tuned decoders) share stores. The probe is a few values of every
         tensor, compared with a tolerance that survives loading in fp16 or bf16.
         """
-        probe = []
         named = [*self.vae.encoder.named_parameters("encoder"), *self.vae.quant_conv.named_parameters("quant_conv")]
-        for _, param in sorted(named, key=lambda item: item[0]):
-            flat = param.detach().float().flatten()
-            picks = torch.linspace(0, flat.numel() - 1, min(4, flat.numel())).long()
-            probe += [round(float(v), 6) for v in flat[picks]]
         return {
             "kind": "AutoencoderKL",
             "pretrained": self.pretrained,
             "scaling_factor": self.scaling_factor,
             "latent_channels": self.latent_channels,
             "downsample_factor": self.downsample_factor,
-            "encoder_probe": probe,
+            "encoder_probe": _probe(named),
         }
+
+
+class FrozenVQModel(nn.Module):
+    """A frozen diffusers `VQModel` (a VQ-GAN such as aMUSEd's `amused/amused-256`, subfolder `vqvae`) that turns
+    images into codebook ids and back.
+
+    Args:
+        pretrained: hub id or local folder written by `save_pretrained`; None builds a `VQModel(**config)` with
+            random weights seeded by `init_seed` (a stand-in to run the mechanics offline: its tokens are a fixed
+            function of the image, its decoded images mean little).
+        subfolder: folder inside `pretrained` ("vqvae" for the aMUSEd repositories).
+        dtype: weights and compute dtype ("float32", "float16", "bfloat16").
+        pixel_range: [low, high] the VQ-GAN's images are in: [0, 1] for aMUSEd (its pipeline does not normalize),
+            [-1, 1] for the taming / LDM VQ-GANs. The wrapper maps the project's [-1, 1] images to it and back.
+        config, init_seed: the `VQModel` arguments and the seed of a randomly initialised tokenizer (pretrained=None).
+        codebook_size, downsample_factor, latent_channels: the facts the config declares (the model and data
+            configs read them); checked against the loaded VQ model.
+    """
+
+    kind = "tokens"
+
+    def __init__(
+        self,
+        pretrained: str | None,
+        subfolder: str | None = None,
+        dtype: str = "float32",
+        pixel_range: tuple[float, float] = (0.0, 1.0),
+        config: dict | None = None,
+        init_seed: int = 0,
+        codebook_size: int | None = None,
+        downsample_factor: int | None = None,
+        latent_channels: int | None = None,
+    ):
+        super().__init__()
+        from diffusers import VQModel
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"vae.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        low, high = (float(v) for v in pixel_range)
+        if not high > low:
+            raise ValueError(f"vae.pixel_range={list(pixel_range)} must be [low, high] with low < high, e.g. [0, 1]")
+        if pretrained:
+            try:
+                vq = VQModel.from_pretrained(
+                    pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype], low_cpu_mem_usage=False
+                )
+            except (OSError, ValueError) as err:
+                alternative = "or `VQModel.from_pretrained(...).save_pretrained(<dir>)`"
+                raise artefact_not_loaded("vae.pretrained", pretrained, err, alternative) from None
+        elif config:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(init_seed))
+                vq = VQModel(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(config).items()})
+            vq = vq.to(_DTYPES[dtype]) if _DTYPES[dtype] != torch.float32 else vq
+        else:
+            raise ValueError("vae.pretrained=null needs vae.config (a randomly initialised VQModel); set one of them")
+        self.vq = vq.eval().requires_grad_(False)
+        self.pretrained = str(pretrained) if pretrained else f"random VQModel (init_seed={int(init_seed)})"
+        self.dtype = _DTYPES[dtype]
+        self.pixel_range = (low, high)
+        self.codebook_size = int(vq.config.num_vq_embeddings)
+        self.downsample_factor = 2 ** (len(vq.config.block_out_channels) - 1)
+        self.latent_channels = int(vq.config.vq_embed_dim or vq.config.latent_channels)
+        self.scaling_factor = 1.0  # tokens are not scaled; kept for the shared `describe` checks
+        _check_declared("codebook_size", codebook_size, self.codebook_size, self.pretrained)
+        _check_declared("downsample_factor", downsample_factor, self.downsample_factor, self.pretrained)
+        _check_declared("latent_channels", latent_channels, self.latent_channels, self.pretrained)
+
+    def train(self, mode: bool = True) -> FrozenVQModel:
+        return super().train(False)  # frozen, whatever Lightning asks
+
+    def _to_vq(self, images: torch.Tensor) -> torch.Tensor:
+        low, high = self.pixel_range
+        return ((images.float() + 1.0) * 0.5 * (high - low) + low).to(self.dtype)
+
+    def _from_vq(self, images: torch.Tensor) -> torch.Tensor:
+        low, high = self.pixel_range
+        return (images.float() - low) / (high - low) * 2.0 - 1.0
+
+    @torch.no_grad()
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) int64 ids of the nearest codebook vectors."""
+        h = self.vq.encode(self._to_vq(images)).latents  # (B, D, h, w)
+        _, _, (_, _, ids) = self.vq.quantize(h)  # ids flattened (B * h * w,)
+        return ids.reshape(h.shape[0], h.shape[2], h.shape[3]).long()
+
+    @torch.no_grad()
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codebook ids -> (B, 3, H, W) pixels in about [-1, 1], fp32."""
+        if int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size:
+            raise ValueError(f"token ids must be in [0, {self.codebook_size}): the mask token cannot be decoded")
+        shape = (*ids.shape, self.latent_channels)  # (B, h, w, D)
+        if self.vq.config.lookup_from_codebook:  # aMUSEd's VQ-GAN: decode() looks the ids up itself
+            dec = self.vq.decode(ids, force_not_quantize=True, shape=shape).sample
+        else:
+            quant = self.vq.quantize.get_codebook_entry(ids.reshape(-1), shape)  # (B, D, h, w)
+            dec = self.vq.decode(quant.to(self.dtype), force_not_quantize=True).sample
+        return self._from_vq(dec)
+
+    def describe(self) -> dict:
+        """Identity of the tokenizer (for a token store's metadata; see `same_encoder`): the ids depend on the
+        encoder, `quant_conv` and the codebook, so those are probed."""
+        named = [
+            *self.vq.encoder.named_parameters("encoder"),
+            *self.vq.quant_conv.named_parameters("quant_conv"),
+            *self.vq.quantize.named_parameters("quantize"),
+        ]
+        return {
+            "kind": "VQModel",
+            "pretrained": self.pretrained,
+            "scaling_factor": self.scaling_factor,
+            "codebook_size": self.codebook_size,
+            "downsample_factor": self.downsample_factor,
+            "latent_channels": self.latent_channels,
+            "pixel_range": list(self.pixel_range),
+            "encoder_probe": _probe(named),
+        }
+
+
+def is_tokenizer(autoencoder: nn.Module) -> bool:
+    """Whether the run's autoencoder turns images into discrete token ids (a masked-token run)."""
+    return getattr(autoencoder, "kind", None) == "tokens"
+
+
+def _probe(named: list[tuple[str, torch.Tensor]]) -> list[float]:
+    """A few values of every tensor, in name order: an identity that survives fp16 / bf16 loading."""
+    probe = []
+    for _, param in sorted(named, key=lambda item: item[0]):
+        flat = param.detach().float().flatten()
+        picks = torch.linspace(0, flat.numel() - 1, min(4, flat.numel())).long()
+        probe += [round(float(v), 6) for v in flat[picks]]
+    return probe
 
 
 def same_encoder(a: dict, b: dict) -> bool:
@@ -160,10 +293,13 @@ def same_encoder(a: dict, b: dict) -> bool:
         return False
     if a["kind"] == "identity":
         return a.get("channels") == b.get("channels")
+    if a["kind"] == "VQModel" and a.get("codebook_size") != b.get("codebook_size"):
+        return False
     pa, pb = torch.tensor(a.get("encoder_probe", [])), torch.tensor(b.get("encoder_probe", []))
     return pa.shape == pb.shape and bool(torch.allclose(pa, pb, rtol=2e-2, atol=2e-3))
 
 
 def _check_declared(key: str, declared: int | None, actual: int, what: str) -> None:
+    """A fact the config declares (it is interpolated elsewhere before the model is loaded) must be the model's."""
     if declared is not None and int(declared) != int(actual):
         raise ValueError(f"vae.{key}={declared} does not match {what}, which has {actual}; set vae.{key}={actual}")

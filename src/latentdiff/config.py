@@ -85,6 +85,9 @@ def _number(cfg: DictConfig, key: str) -> float | None:
     return value
 
 
+_DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"
+
+
 def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") -> None:
     """A flow-matching objective needs a FlowMatch* sampler, a Gaussian one any other (checked on targets).
 
@@ -94,6 +97,18 @@ def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") 
     objective = str(OmegaConf.select(cfg, "diffusion._target_", default="") or "")
     sampler = str(OmegaConf.select(cfg, f"{sampler_key}._target_", default="") or "")
     if not objective or not sampler:
+        return
+    token_objective, token_sampler = objective.endswith("MaskedTokens"), "AmusedScheduler" in sampler
+    if token_objective or token_sampler:
+        if token_objective != token_sampler:
+            name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
+            kind, allowed = ("masked-token", "amused") if token_objective else ("diffusion", _DIFFUSION_SAMPLERS)
+            raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
+        if OmegaConf.select(cfg, sampler_key.rsplit(".", 1)[0] + ".guidance_interval", default=None) is not None:
+            raise ConfigError(
+                "sampler.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
+                "levels); use sampler.guidance_interval=null"
+            )
         return
     flow_objective, flow_sampler = objective.endswith("FlowMatching"), "FlowMatch" in sampler
     if flow_objective != flow_sampler:

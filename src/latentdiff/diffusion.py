@@ -71,6 +71,11 @@ class _Objective:
         mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
         return (self.loss_weight(t) * mse).mean(), mse.detach()
 
+    def draw_noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+        """eps: standard normal noise of `shape`, drawn on the generator's device (CPU when None)."""
+        where = generator.device if generator is not None else "cpu"
+        return torch.randn(tuple(shape), generator=generator, device=where)
+
 
 class GaussianDiffusion(_Objective):
     """Training objective for a discrete-time Gaussian diffusion defined by a diffusers `DDPMScheduler`.
@@ -217,6 +222,11 @@ def is_flow_scheduler(scheduler_class: type) -> bool:
     return scheduler_class.__name__.startswith("FlowMatch")
 
 
+def is_token_scheduler(scheduler_class: type) -> bool:
+    """Whether a diffusers scheduler class unmasks discrete tokens (AmusedScheduler, `latentdiff.masking`)."""
+    return scheduler_class.__name__ == "AmusedScheduler"
+
+
 def null_condition(
     cond: torch.Tensor | None, num_classes: int, null_text: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -271,6 +281,15 @@ def make_sampling_scheduler(scheduler_partial: Callable[..., SchedulerMixin], tr
             on a scheduler that cannot rescale its betas).
     """
     scheduler = scheduler_partial(train_scheduler.config)
+    token_train, token_sample = is_token_scheduler(type(train_scheduler)), is_token_scheduler(type(scheduler))
+    if token_train != token_sample:
+        raise ValueError(
+            f"sampler.scheduler={type(scheduler).__name__} cannot sample a "
+            f"{'masked-token' if token_train else 'diffusion'} model (diffusion={type(train_scheduler).__name__}); "
+            f"use sampler={'amused' if token_train else 'ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun'}"
+        )
+    if token_train:
+        return scheduler
     flow_train, flow_sample = is_flow_scheduler(type(train_scheduler)), is_flow_scheduler(type(scheduler))
     if flow_train != flow_sample:
         allowed = "flow_euler or flow_heun" if flow_train else "ddpm, ddim, dpm_solver, euler or heun"

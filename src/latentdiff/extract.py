@@ -1,5 +1,8 @@
 """Encode an image source once into a latent store: `python -m latentdiff.extract data=... out=...`.
 
+With a VQ tokenizer (`vae=vq_amused256`, `vq_local`, `vq_tiny`) the store holds uint16 codebook ids instead of
+VAE moments (see `latentdiff.data.store`).
+
     python -m latentdiff.extract data=imagenet_folder data.root=/data/imagenet/train resolution=256 \
         vae=sd_ema out=/data/in256_latents
     python -m latentdiff.extract data=coco_captions data.images=/data/coco/train2014 \
@@ -29,6 +32,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from latentdiff.autoencoder import is_tokenizer
 from latentdiff.config import ConfigError
 from latentdiff.data.store import (
     FORMAT,
@@ -120,7 +124,8 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
         collate_fn=_items,
     )
     views = 2 if cfg.flip else 1
-    moments, labels, sources, skipped = [], [], [], []
+    tokens = is_tokenizer(autoencoder)  # VQ token ids (uint16) instead of VAE moments (fp16)
+    encoded, labels, sources, skipped = [], [], [], []
     text, offsets, captions = [], [0], []
     for batch in loader:
         good = [it for it in batch if it["image"] is not None]
@@ -130,9 +135,12 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
             if views == 2:
                 x = torch.cat([x, x.flip(-1)])  # (2b, 3, H, W): images, then their mirror images
-            m = autoencoder.encode_moments(x).to(torch.float16)  # (Fb, 2C, h, w)
-            m = m.view(views, len(good), *m.shape[1:]).transpose(0, 1)  # (b, F, 2C, h, w)
-            moments.append(m.cpu().numpy())
+            if tokens:
+                m = autoencoder.encode_tokens(x).to(torch.int32)  # (Fb, h, w) codebook ids
+            else:
+                m = autoencoder.encode_moments(x).to(torch.float16)  # (Fb, 2C, h, w)
+            m = m.view(views, len(good), *m.shape[1:]).transpose(0, 1)  # (b, F, 2C, h, w) or (b, F, h, w)
+            encoded.append(m.cpu().numpy().astype(np.uint16) if tokens else m.cpu().numpy())
             labels += [it["label"] for it in good]
             sources += [it["index"] for it in good]
             if text_encoder is not None:
@@ -145,17 +153,23 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
                 captions += caps
         bar.update(len(batch))
     count = len(sources)
-    if moments:
-        arrays = {"moments": np.concatenate(moments)}
+    key = "tokens" if tokens else "moments"
+    if encoded:
+        arrays = {key: np.concatenate(encoded)}
     else:  # every file of the shard was unreadable: an empty shard of the right shape
         c, f = autoencoder.latent_channels, autoencoder.downsample_factor
-        arrays = {"moments": np.zeros((0, views, 2 * c, source.resolution // f, source.resolution // f), np.float16)}
+        size = source.resolution // f
+        arrays = {
+            key: np.zeros((0, views, size, size), np.uint16)
+            if tokens
+            else np.zeros((0, views, 2 * c, size, size), np.float16)
+        }
     info: dict[str, Any] = {"count": count, "source_indices": sources, "skipped": skipped}
     if text_encoder is None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     else:
         d = text_encoder.dim
-        arrays["text"] = np.concatenate(text) if text else np.zeros((0, text_encoder.max_length, d), np.float16)
+        arrays["text"] = np.concatenate(text) if text else np.zeros((0, text_encoder.rows, d), np.float16)
         arrays["text_offsets"] = np.asarray(offsets, dtype=np.int64)
         info["ids"] = labels
         info["captions"] = captions
@@ -168,7 +182,9 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     infos = [check_shard(out / "shards" / shard_name(k)) for k in range(num_shards)]
     skipped = [s for info in infos for s in info["skipped"]]
-    shape = next(info["arrays"]["moments"]["shape"] for info in infos)
+    tokens = is_tokenizer(autoencoder)
+    key = "tokens" if tokens else "moments"
+    shape = next(info["arrays"][key]["shape"] for info in infos)
     f = autoencoder.downsample_factor
     meta = {
         "format": FORMAT,
@@ -178,8 +194,9 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
         "shard_size": plan["shard_size"],
         "resolution": resolution,
         "latent_shape": [autoencoder.latent_channels, resolution // f, resolution // f],
-        "moments_shape": shape[1:],
-        "moments_dtype": "float16",
+        f"{key}_shape": shape[1:],
+        f"{key}_dtype": "uint16" if tokens else "float16",
+        "tokens": {"codebook_size": autoencoder.codebook_size, "downsample_factor": f} if tokens else None,
         "views": plan["views"],
         "vae": plan["vae"],
         "num_classes": len(plan["source"]["classes"]) if plan["source"].get("classes") else 0,
@@ -230,6 +247,11 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
             )
         if source.kind != "coco_captions" and text_encoder is not None:
             raise ConfigError(f"text_encoder={cfg.text_encoder._target_} needs captions; data={source.kind} has none")
+        if is_tokenizer(autoencoder) and autoencoder.codebook_size > 65536:
+            raise ConfigError(
+                f"vae={autoencoder.pretrained} has {autoencoder.codebook_size} codes; token stores hold uint16 ids "
+                "(at most 65536 codes)"
+            )
         if source.resolution % autoencoder.downsample_factor:
             raise ConfigError(
                 f"resolution={source.resolution} is not a multiple of the VAE's downsampling "

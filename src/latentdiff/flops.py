@@ -128,7 +128,10 @@ def _count(
     from torch.utils.flop_counter import FlopCounterMode
 
     _, dtype = _device_and_dtype(model)
-    x = torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
+    if getattr(model, "token_input", False):  # a token backbone (UVit2D) reads ids (B, h, w)
+        x = torch.zeros(batch_size, *input_shape[-2:], device=device, dtype=torch.long)
+    else:
+        x = torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
     t = torch.zeros(batch_size, device=device)
     if cond is not None:
         cond = cond.to(device)

@@ -153,12 +153,71 @@ class ImageSampler:
         return self.decode(self.latents(indices, cond))
 
 
+class TokenSampler(ImageSampler):
+    """An `ImageSampler` for masked-token models: iterative unmasking (`AmusedScheduler`, `latentdiff.masking`)
+    from an all-mask grid to token ids, decoded by the VQ model.
+
+    Arguments as `ImageSampler`; `latent_shape` is (..., h, w), the token grid; `step_kwargs` may hold
+    `temperature` ([start, end] Gumbel temperature of the re-masking, `AmusedScheduler.set_timesteps`) and
+    `starting_mask_ratio` (`AmusedScheduler.step`). Each sample's token draws come from its own generator
+    (`index_generator(seed, i, STEP)`), so an image depends only on (model, sampler, seed, index).
+    """
+
+    _STEP_KWARGS = ("temperature", "starting_mask_ratio")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        unknown = sorted(set(self.step_kwargs) - set(self._STEP_KWARGS))
+        if unknown:
+            raise ValueError(
+                f"sampler.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
+                f"{' or '.join(self._STEP_KWARGS)}"
+            )
+        if self.guidance_interval is not None:
+            raise ValueError("sampler.guidance_interval is not supported by the masked-token sampler; use null")
+
+    @torch.no_grad()
+    def latents(self, indices: Sequence[int], cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, h, w) of `indices`; `cond` is (B,) class ids, (B, L, D) text features or None."""
+        from latentdiff.masking import unmask_loop
+
+        device = self.device
+        generators = [index_generator(self.seed, i, STEP) for i in indices]
+        if device.type != "cpu":  # diffusers draws on the generators' device
+            generators = [torch.Generator(device).manual_seed(g.initial_seed()) for g in generators]
+        cond = cond.to(device) if cond is not None else None
+        return unmask_loop(
+            self.backbone,
+            make_sampling_scheduler(self.scheduler_partial, self.train_scheduler),
+            (len(indices), *self.latent_shape[-2:]),
+            self.steps,
+            cond=cond,
+            null_cond=self.null_cond(cond),
+            guidance_scale=self.guidance_scale,
+            generator=generators,
+            device=device,
+            **self.step_kwargs,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 images of token ids (B, h, w), decoded by the VQ model in its own dtype."""
+        with torch.autocast(latents.device.type, enabled=False):
+            return to_uint8(self.autoencoder.decode_tokens(latents).clamp(-1, 1))
+
+
+def sampler_class(autoencoder: nn.Module) -> type[ImageSampler]:
+    """`TokenSampler` for a VQ tokenizer (masked-token runs), else `ImageSampler`."""
+    return TokenSampler if getattr(autoencoder, "kind", None) == "tokens" else ImageSampler
+
+
 def module_sampler(pl_module, scheduler: Callable, steps: int, guidance_scale: float = 1.0, **kwargs) -> ImageSampler:
-    """An `ImageSampler` of a `DiffusionModule`'s sampling (EMA) backbone; kwargs as `ImageSampler`."""
+    """An `ImageSampler` (or `TokenSampler`) of a `DiffusionModule`'s sampling (EMA) backbone; kwargs as
+    `ImageSampler`."""
     shape = getattr(pl_module, "latent_shape", None)
     if shape is None:
         raise ValueError("the module has no latent_shape; run_training sets it from data.latent_size")
-    return ImageSampler(
+    return sampler_class(pl_module.autoencoder)(
         pl_module.sampling_backbone,
         pl_module.autoencoder,
         pl_module.diffusion.scheduler,

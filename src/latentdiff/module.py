@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from latentdiff.autoencoder import is_tokenizer
 from latentdiff.data.order import generator_for
 from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.distributed import shards_parameters
@@ -29,12 +30,13 @@ _FROZEN_PREFIX = "autoencoder."
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains a diffusion backbone on (latent) images.
+    """Trains a diffusion backbone on (latent) images, or a masked-token backbone on VQ token ids.
 
     Args:
         backbone: network with `forward(x, timesteps, cond)`.
-        autoencoder: frozen `IdentityAutoencoder` or `FrozenAutoencoderKL`.
-        diffusion: the training objective around a diffusers scheduler (Gaussian diffusion or flow matching).
+        autoencoder: frozen `IdentityAutoencoder`, `FrozenAutoencoderKL` or `FrozenVQModel` (token ids).
+        diffusion: the training objective around a diffusers scheduler (Gaussian diffusion, flow matching, or
+            masked tokens: `latentdiff.masking.MaskedTokens`).
         optimizer: partial taking the parameters, e.g. `partial(torch.optim.AdamW, lr=2e-4)`.
         lr_scheduler: partial taking the optimizer, stepped every optimizer step; None keeps the LR fixed.
         ema: partial taking the backbone, e.g. `partial(EMA, decay=0.9999)`; None disables EMA.
@@ -146,7 +148,14 @@ class DiffusionModule(L.LightningModule):
         return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), self.null_cond(cond), cond)
 
     def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents z (B, C, h, w) from a batch of images or of stored VAE moments."""
+        """Scaled latents z (B, C, h, w) from a batch of images or of stored VAE moments; with a VQ tokenizer,
+        token ids (B, h, w) from a batch of images or of stored ids."""
+        if "tokens" in batch:
+            return batch["tokens"]
+        if is_tokenizer(self.autoencoder):
+            if "image" not in batch:
+                raise ValueError("the run's vae is a VQ model but the data holds VAE moments; use a token store")
+            return self.autoencoder.encode_tokens(batch["image"])
         if "moments" in batch:
             return self.autoencoder.sample(batch["moments"], generator=generator)
         return self.autoencoder.sample(self.autoencoder.encode_moments(batch["image"]), generator=generator)
@@ -267,7 +276,7 @@ class DiffusionModule(L.LightningModule):
         generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
         x0 = self.latents(batch, generator=generator)  # the posterior draw uses the CPU generator
         t = self.diffusion.sample_timesteps(x0.shape[0], torch.device("cpu"), generator).to(self.device)
-        eps = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
+        eps = self.diffusion.draw_noise(x0.shape, generator).to(self.device)  # Gaussian eps, or masking noise u
         loss, _ = self.diffusion.loss(model, x0, self.batch_cond(batch), t=t, eps=eps)
         return loss
 

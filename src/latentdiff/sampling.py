@@ -33,7 +33,8 @@ from latentdiff.config import ConfigError, check_sampler_fits
 from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
 from latentdiff.extract import dist_env
-from latentdiff.generation import ImageSampler, PromptSet, check_labels, conditions_for
+from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
+from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone, check_fits
 from latentdiff.training import user_errors
 from latentdiff.utils import framework_versions
@@ -132,7 +133,8 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
         source["prompts"] = {"store": str(Path(store_path).resolve()), "captions": len(prompts)}
     elif num_classes > 0:
         check_labels(OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels, num_classes)
-    sampler = ImageSampler(
+    check_token_run(backbone, autoencoder, objective)
+    sampler = sampler_class(autoencoder)(
         backbone,
         autoencoder,
         objective.scheduler,

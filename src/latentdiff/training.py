@@ -27,6 +27,7 @@ from latentdiff.config import ConfigError, validate_train_config
 from latentdiff.distributed import check_strategy, trainer_batch
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
+from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
 
@@ -75,6 +76,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         seed=cfg.seed,
         nonfinite=OmegaConf.to_container(cfg.module.nonfinite) if cfg.module.get("nonfinite") else None,
     )
+    check_token_run(backbone, autoencoder, diffusion)
     module.latent_shape = (cfg.data.latent_channels, cfg.data.latent_size, cfg.data.latent_size)
     return module
 

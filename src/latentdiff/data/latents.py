@@ -2,7 +2,8 @@
 
 A batch is `{"moments": (B, 2C, h, w) fp16, "cond": (B,) int64 class ids | (B, L, D) fp16 text features,
 "index": (B,) int64}`; the module draws z = scale * (mean + std * eps) from the moments (a fresh posterior
-sample every step, as official U-ViT does). Items are read a whole batch at a time (`__getitems__`): one
+sample every step, as official U-ViT does). A VQ token store gives `"tokens": (B, h, w) int64` instead of
+moments. Items are read a whole batch at a time (`__getitems__`): one
 sorted fancy-indexing copy per shard instead of B Python calls.
 """
 
@@ -62,14 +63,16 @@ class LatentDataset(Dataset):
             else np.zeros(b, dtype=np.int64)
         )
         first = self.store.shards[0]
-        moments = np.empty((b, *first.moments.shape[2:]), dtype=first.moments.dtype)  # (B, 2C, h, w)
+        key = "tokens" if self.store.holds_tokens else "moments"
+        stored = getattr(first, key)  # (n, F, 2C, h, w) moments or (n, F, h, w) token ids
+        latents = np.empty((b, *stored.shape[2:]), dtype=stored.dtype)  # (B, 2C, h, w) or (B, h, w)
         labels = np.empty(b, dtype=np.int64) if self.labels else None
         text = np.empty((b, *first.text.shape[1:]), dtype=first.text.dtype) if self.text else None
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
             rows = rows[np.argsort(local[rows], kind="stable")]  # ascending reads from the memory map
             arrays, loc = self.store.shards[s], local[rows]
-            moments[rows] = arrays.moments[loc, view[rows]]
+            latents[rows] = getattr(arrays, key)[loc, view[rows]]
             if labels is not None:
                 labels[rows] = arrays.labels[loc]
             if text is not None:
@@ -77,7 +80,9 @@ class LatentDataset(Dataset):
                 draw = key_uniform(keys[rows], 2) if random else np.zeros(len(rows))
                 pick = start + np.floor(draw * (stop - start)).astype(np.int64)  # one caption of each image
                 text[rows] = arrays.text[pick]
-        batch = {"moments": torch.from_numpy(moments), "index": torch.from_numpy(index)}
+        if key == "tokens":
+            latents = latents.astype(np.int64)  # uint16 on disk; embedding lookups and CE targets take int64
+        batch = {key: torch.from_numpy(latents), "index": torch.from_numpy(index)}
         if labels is not None:
             batch["cond"] = torch.from_numpy(labels)
         if text is not None:
@@ -165,7 +170,7 @@ class LatentDataModule(L.LightningDataModule):
         if self.text:
             if not meta.get("text"):
                 raise ValueError(f"{where} holds no text features but data.text=true; extract it with a text_encoder")
-            dim, length = meta["text"]["dim"], meta["text"]["max_length"]
+            dim, length = meta["text"]["dim"], meta["text"]["max_length"] + int(bool(meta["text"].get("pooled")))
             if (text_dim, text_len) != (dim, length) and text_dim is not None:
                 raise ValueError(
                     f"{where} holds {length}x{dim} text features but data.text_len/text_dim are "
@@ -173,15 +178,28 @@ class LatentDataModule(L.LightningDataModule):
                 )
 
     def check_autoencoder(self, autoencoder) -> None:
-        """Refuse a store whose moments come from another encoder or another scaling factor than the run's."""
+        """Refuse a store whose moments come from another encoder or another scaling factor than the run's, or
+        whose token ids come from another VQ model (or codebook)."""
         run, made = autoencoder.describe(), self.store.meta["vae"]
+        tokens_run = run["kind"] == "VQModel"
+        if tokens_run != self.store.holds_tokens:
+            held, want = ("VQ token ids", "VAE moments") if self.store.holds_tokens else ("VAE moments", "VQ token ids")
+            raise ValueError(
+                f"data.root={self.store.root} holds {held} but the run's vae ({run.get('pretrained', run['kind'])}) "
+                f"needs {want}; use vae={'vq_*' if self.store.holds_tokens else 'sd_ema or none'} or another store"
+            )
+        if tokens_run and made.get("codebook_size") != run["codebook_size"]:
+            raise ValueError(
+                f"data.root={self.store.root} holds ids of a {made.get('codebook_size')}-code codebook but the run's "
+                f"VQ model has {run['codebook_size']} codes; use the VQ model of the store or extract again"
+            )
         if not same_encoder(made, run):
             raise ValueError(
                 f"data.root={self.store.root} was made with another VAE encoder "
                 f"({made.get('pretrained', made['kind'])}) than the run's ({run.get('pretrained', run['kind'])}); "
                 "use the VAE of the store or extract again"
             )
-        if abs(made["scaling_factor"] - run["scaling_factor"]) > 1e-6:
+        if not tokens_run and abs(made["scaling_factor"] - run["scaling_factor"]) > 1e-6:
             raise ValueError(
                 f"data.root={self.store.root} was made for scaling factor {made['scaling_factor']} but "
                 f"the run's VAE uses {run['scaling_factor']}; set vae.scaling_factor={made['scaling_factor']}"

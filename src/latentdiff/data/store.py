@@ -1,4 +1,4 @@
-"""The latent store: VAE moments (and text features) in shards of contiguous `.npy` arrays.
+"""The latent store: VAE moments or VQ token ids (and text features) in shards of contiguous `.npy` arrays.
 
 Layout of a store folder (written by `latentdiff.extract`, read by `LatentDataModule`):
 
@@ -7,8 +7,11 @@ Layout of a store folder (written by `latentdiff.extract`, read by `LatentDataMo
     empty_text.npy             (L, D) fp16 features of the empty prompt (text stores only, for CFG)
     shards/shard-00000/
         moments.npy            (n, F, 2C, h, w) fp16: posterior mean ++ log-variance; F = 2: image, h-flip
+        tokens.npy             (n, F, h, w) uint16: VQ codebook ids instead of moments (a `VQModel` store;
+                               store.json's `tokens` holds the codebook size and the downsampling)
         labels.npy             (n,) int64 class ids (class-conditional stores)
-        text.npy               (m, L, D) fp16: features of every caption of the shard's images
+        text.npy               (m, L, D) fp16: features of every caption of the shard's images (with a
+                               pooled text encoder, row L - 1 is the pooled embedding: see `latentdiff.text`)
         text_offsets.npy       (n + 1,) int64: captions of image i are text[offsets[i]:offsets[i + 1]]
         captions.json          the caption strings, per image (text stores)
         index.json             count, source indices, skipped files, array shapes (checked on load)
@@ -33,7 +36,7 @@ import numpy as np
 
 FORMAT = "latentdiff-latents"
 VERSION = 1
-_ARRAYS = ("moments", "labels", "text", "text_offsets")
+_ARRAYS = ("moments", "tokens", "labels", "text", "text_offsets")
 
 
 class StoreError(ValueError):
@@ -60,7 +63,7 @@ def write_shard(root: Path, index: int, arrays: dict[str, np.ndarray], info: dic
     Args:
         root: the store folder.
         index: shard number.
-        arrays: `moments` and optionally `labels`, `text`, `text_offsets` (see the module docstring).
+        arrays: `moments` or `tokens`, and optionally `labels`, `text`, `text_offsets` (see the module docstring).
         info: extra JSON facts (count, source indices, skipped files, captions).
     """
     shards = root / "shards"
@@ -119,7 +122,8 @@ def check_shard(path: Path) -> dict[str, Any]:
 class Shard:
     """One shard's arrays (memory-mapped or in RAM)."""
 
-    moments: np.ndarray  # (n, F, 2C, h, w) fp16
+    moments: np.ndarray | None  # (n, F, 2C, h, w) fp16 (VAE stores)
+    tokens: np.ndarray | None  # (n, F, h, w) uint16 (VQ stores)
     labels: np.ndarray | None  # (n,) int64
     text: np.ndarray | None  # (m, L, D) fp16
     text_offsets: np.ndarray | None  # (n + 1,) int64
@@ -172,12 +176,17 @@ class LatentStore:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def holds_tokens(self) -> bool:
+        """A store of VQ token ids (`tokens.npy`), not of VAE moments."""
+        return bool(self.meta.get("tokens"))
+
     def __getstate__(self) -> dict[str, Any]:
         # loader workers started by spawn/forkserver get the dataset pickled: a memory map would be pickled
         # as a full copy of the data, so send the file names and map them again in the worker
         state = dict(self.__dict__)
         if not self.in_memory:
-            state["shards"] = [Shard(None, None, None, None, s.count) for s in self.shards]
+            state["shards"] = [Shard(None, None, None, None, None, s.count) for s in self.shards]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

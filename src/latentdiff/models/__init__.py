@@ -1,13 +1,15 @@
-"""Backbones (`uvit.UViT`, `unet.UNet`, `unet.UNetCond`) and `build_backbone`, which also loads weights.
+"""Backbones (`uvit.UViT`, `unet.UNet`, `unet.UNetCond`, `uvit2d.UVit2D`) and `build_backbone`, which also
+loads weights.
 
 Every model config has a `pretrained` key (null by default) that is not a constructor argument: a weights
 file (an official U-ViT `.pth` state dict, a `.safetensors` or `.pt` state dict of the backbone, or a
 Lightning checkpoint of this project, whose EMA weights are taken), an export folder of `latentdiff.export`,
-or, for the UNets, a diffusers folder.
+or, for the UNets and UVit2D, a diffusers folder.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,15 @@ def check_fits(backbone: nn.Module, state: dict[str, torch.Tensor], key: str, va
         raise ValueError(f"{key}={value} does not fit {model_name}: {'; '.join(parts)}")
 
 
+def _diffusers_class(folder: Path) -> str | None:
+    """The diffusers class a folder's config.json names (None: not a diffusers model folder)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    name = json.loads(config.read_text()).get("_class_name")
+    return name if isinstance(name, str) and "_diffusers_version" in config.read_text() else None
+
+
 def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "model.pretrained") -> None:
     """Load weights into `backbone` in place (strict): a weights file, or a diffusers folder for the UNets."""
     path = Path(pretrained)
@@ -93,6 +104,14 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
         if not (path / sub).is_dir():
             raise ValueError(f"{key}={pretrained} holds no {sub}/ folder for the configured {name}")
         path = path / sub
+    if path.is_dir() and hasattr(backbone, "load_diffusers") and _diffusers_class(path) is not None:
+        try:  # a diffusers folder of the wrapped model (e.g. aMUSEd's transformer/ for UVit2D)
+            state = backbone.load_diffusers(path)
+        except (OSError, ValueError) as err:
+            raise artefact_not_loaded(key, str(pretrained), err) from None
+        check_fits(backbone, state, key, pretrained, f"the configured {name}")
+        backbone.load_state_dict(state)
+        return
     if path.is_dir() and not hasattr(backbone, "diffusers_cls"):
         path = path / "diffusion_pytorch_model.safetensors"  # a transformer/ folder of an export
     if path.is_dir() and hasattr(backbone, "diffusers_cls"):
