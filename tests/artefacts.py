@@ -36,9 +36,35 @@ def make_tiny_vae(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_clip(path: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer CLIPTextModel (width `hidden`, 77 positions) and a byte-level CLIPTokenizer, saved to `path`."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+TINY_VQ_FACTOR = 4  # three encoder blocks: 32px images -> 8x8 token ids
+TINY_VQ_CODES = 64
+
+
+def make_tiny_vq(path: Path, seed: int = 0, codes: int = TINY_VQ_CODES) -> Path:
+    """A 3-block VQModel (downsampling 4, `codes` codebook vectors of width 4; it looks ids up in its codebook
+    when decoding, as aMUSEd's VQ-GAN) with random weights, saved to `path`."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    vq = VQModel(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        num_vq_embeddings=codes,
+        norm_num_groups=4,
+        sample_size=32,
+        lookup_from_codebook=True,
+    )
+    vq.save_pretrained(path)
+    return path
+
+
+def make_tiny_clip(path: Path, hidden: int = 32, seed: int = 0, projection: bool = False) -> Path:
+    """A 2-layer CLIPTextModel (width `hidden`, 77 positions) and a byte-level CLIPTokenizer, saved to `path`;
+    `projection`: a CLIPTextModelWithProjection (pooled projection of width `hidden`, as aMUSEd's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     # the byte -> printable character table of GPT-2 / CLIP byte-level BPE, one token per character
@@ -63,8 +89,9 @@ def make_tiny_clip(path: Path, hidden: int = 32, seed: int = 0) -> Path:
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=hidden,
     )
-    CLIPTextModel(config).save_pretrained(path)
+    (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(path)
     return path
 
 

@@ -65,7 +65,13 @@ def test_every_option_composes_and_resolves(compose_cfg, group, option):
 
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] in ("model", "diffusion", "sampler")])
 def test_every_object_option_instantiates(compose_cfg, group, option):
-    cfg = compose_cfg([f"{group}={option}"])
+    tokens = option in ("uvit2d", "uvit2d_tiny", "masked_tokens", "amused")  # the masked-token pieces go together
+    cfg = compose_cfg([*(["experiment=quickstart_tokens"] if tokens else []), f"{group}={option}"])
+    if tokens and group != "model":
+        objective = instantiate(cfg.diffusion)
+        scheduler = make_sampling_scheduler(instantiate(cfg.sampler.scheduler), objective.scheduler)
+        assert objective.mask_token_id == scheduler.config.mask_token_id == cfg.model.vocab_size - 1
+        return
     if group == "model":
         if "t2i" in option or option.startswith("unet_cond"):
             cfg = compose_cfg([f"{group}={option}", "data.num_classes=0"])

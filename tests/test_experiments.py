@@ -254,6 +254,8 @@ def _toy_model(model) -> list[str]:
     """Toy-width overrides of a preset's backbone (its layout, depth pattern and options kept)."""
     if model._target_ == UVIT:
         return ["model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+    if model._target_.endswith("UVit2D"):
+        return []  # quickstart_tokens: already tiny
     levels = ",".join(["32"] * len(model.block_out_channels))
     heads = "model.attention_head_dim=" + ("2" if model._target_ == UNET_COND else "8")  # heads | channels per head
     return [f"model.block_out_channels=[{levels}]", "model.norm_num_groups=8", "model.layers_per_block=1", heads]

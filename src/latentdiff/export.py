@@ -3,8 +3,10 @@
     out/
       backbone.safetensors        the backbone's weights in one file; its metadata holds the model config
       model_index.json            a diffusers-style index: which folder holds what, and the run's config
-      unet/ | transformer/        config.json + diffusion_pytorch_model.safetensors (the UNets: a real
-                                  diffusers folder, `UNet2DModel.from_pretrained(out, subfolder="unet")`)
+      unet/ | transformer/        config.json + diffusion_pytorch_model.safetensors (the UNets and UVit2D: a
+                                  real diffusers folder, `UNet2DModel.from_pretrained(out, subfolder="unet")`,
+                                  `UVit2DModel.from_pretrained(out, subfolder="transformer")`; UVit2D's class
+                                  tables are only in backbone.safetensors)
       scheduler/                  the training noise schedule (`DDPMScheduler.from_pretrained(out, ...)`)
 
 `model.pretrained=out/backbone.safetensors` or `model.pretrained=out` loads the weights into a run, a sample
@@ -87,6 +89,9 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     if folder == "unet":
         backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         record["unet"] = ["diffusers", type(backbone.unet).__name__]
+    elif hasattr(backbone, "load_diffusers"):  # UVit2D: a diffusers UVit2DModel folder (aMUSEd's transformer/)
+        backbone.transformer.save_pretrained(tmp / folder, safe_serialization=True)
+        record[folder] = ["diffusers", type(backbone.transformer).__name__]
     else:
         (tmp / folder).mkdir()
         save_file(state, str(tmp / folder / WEIGHTS))

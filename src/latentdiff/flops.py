@@ -153,7 +153,7 @@ def _meta_unsupported(err: Exception) -> bool:
 
 def model_cost(
     model: nn.Module,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     cond: torch.Tensor | None = None,
     batch_size: int = 1,
 ) -> ModelCost:
@@ -165,7 +165,7 @@ def model_cost(
 
     Args:
         model: a backbone with the contract `forward(x, timesteps, cond=None)`.
-        input_shape: (C, H, W) of one input.
+        input_shape: (C, H, W) of one input; (h, w) of a token backbone's ids.
         cond: the condition, batched like the input; None: `dummy_cond(model)` (None when unconditional).
         batch_size: images in the counted forward; the result is per image.
     Returns:
@@ -212,8 +212,9 @@ def config_cost(cfg: DictConfig) -> ModelCost:
         with torch.device("meta"):
             backbone = build_backbone(OmegaConf.create(model_cfg))
     cond = dummy_cond(backbone, 1, "meta", int(text_len))
+    shape = (size, size) if getattr(backbone, "token_input", False) else (channels, size, size)  # ids: (h, w)
     with _config_errors():
-        return model_cost(backbone, (channels, size, size), cond)
+        return model_cost(backbone, shape, cond)
 
 
 @contextlib.contextmanager

@@ -50,9 +50,16 @@ class FrozenCLIPTextEncoder(nn.Module):
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer, subfolder=tokenizer_subfolder or "")
             cls = CLIPTextModelWithProjection if pooled else CLIPTextModel
-            model = cls.from_pretrained(pretrained, subfolder=subfolder or "", dtype=_DTYPES[dtype])
+            model, info = cls.from_pretrained(
+                pretrained, subfolder=subfolder or "", dtype=_DTYPES[dtype], output_loading_info=True
+            )
         except (OSError, ValueError) as err:
             raise artefact_not_loaded("text_encoder.pretrained", pretrained, err) from None
+        if pooled and any(k.startswith("text_projection") for k in info.get("missing_keys", [])):
+            raise ValueError(
+                f"text_encoder.pooled=true but text_encoder.pretrained={pretrained} has no text projection (a "
+                "CLIPTextModel); use a CLIPTextModelWithProjection or CLIPModel folder, or text_encoder.pooled=false"
+            )
         self.model = model.eval().requires_grad_(False)
         self.max_length = int(max_length)
         if self.max_length > model.config.max_position_embeddings:

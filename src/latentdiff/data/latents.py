@@ -154,11 +154,20 @@ class LatentDataModule(L.LightningDataModule):
                 f"set data.image_size={meta['resolution']} or extract at {image_size}"
             )
         c, h, w = meta["latent_shape"]
-        if latent_channels is not None and latent_size is not None and (c, h) != (latent_channels, latent_size):
+        if meta.get("tokens"):  # ids (h, w): no channels to compare
+            if latent_size is not None and h != latent_size:
+                raise ValueError(
+                    f"{where} holds {h}x{w} VQ token ids but the run expects {latent_size}x{latent_size} "
+                    "(vae and data.image_size); use the store's VQ model (vae=vq_*) and its resolution"
+                )
+        elif latent_channels is not None and latent_size is not None and (c, h) != (latent_channels, latent_size):
             raise ValueError(
                 f"{where} holds {c}x{h}x{w} latents but the run expects "
                 f"{latent_channels}x{latent_size}x{latent_size} (vae and data.image_size)"
             )
+        self._check_classes_and_text(where, meta, text_dim, text_len)
+
+    def _check_classes_and_text(self, where: str, meta: dict, text_dim: int | None, text_len: int | None) -> None:
         if self.num_classes > 0:
             if not meta.get("num_classes"):
                 raise ValueError(f"{where} has no class labels but data.num_classes={self.num_classes}; use 0")

@@ -100,10 +100,12 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
     path = Path(pretrained)
     name = type(backbone).__name__
     if path.is_dir() and (path / "model_index.json").is_file():  # an export folder (latentdiff.export)
-        sub = "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
-        if not (path / sub).is_dir():
-            raise ValueError(f"{key}={pretrained} holds no {sub}/ folder for the configured {name}")
-        path = path / sub
+        if not hasattr(backbone, "diffusers_cls"):
+            path = path / "backbone.safetensors"  # the whole backbone (UVit2D's class tables too)
+        elif not (path / "unet").is_dir():
+            raise ValueError(f"{key}={pretrained} holds no unet/ folder for the configured {name}")
+        else:
+            path = path / "unet"
     if path.is_dir() and hasattr(backbone, "load_diffusers") and _diffusers_class(path) is not None:
         try:  # a diffusers folder of the wrapped model (e.g. aMUSEd's transformer/ for UVit2D)
             state = backbone.load_diffusers(path)

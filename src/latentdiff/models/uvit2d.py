@@ -63,7 +63,7 @@ class UVit2D(nn.Module):
         for key in uvit_kwargs:
             if key not in defaults:
                 raise ValueError(f"model.{key} is not an argument of diffusers.UVit2DModel; see conf/model/uvit2d.yaml")
-        get = lambda key: uvit_kwargs.get(key, defaults[key])  # noqa: E731
+        get = lambda key: uvit_kwargs.get(key, defaults[key])
         if get("codebook_size") is None:
             raise ValueError(
                 "model.codebook_size=null: UVit2D reads the token ids of a VQ model; use vae=vq_amused256, vq_local "
