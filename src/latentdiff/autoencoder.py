@@ -96,18 +96,10 @@ class FrozenAutoencoderKL(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"vae.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
-        try:
-            vae = AutoencoderKL.from_pretrained(
-                pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype], low_cpu_mem_usage=False
-            )
-        except (OSError, ValueError) as err:
-            alternative = "or `AutoencoderKL.from_pretrained(...).save_pretrained(<dir>)`"
-            raise artefact_not_loaded("vae.pretrained", pretrained, err, alternative) from None
+        self.dtype = _dtype(dtype)
+        vae = _from_pretrained(AutoencoderKL, pretrained, subfolder, self.dtype)
         self.vae = vae.eval().requires_grad_(False)
         self.pretrained = str(pretrained)
-        self.dtype = _DTYPES[dtype]
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
         self.latent_channels = vae.config.latent_channels
         self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -189,29 +181,22 @@ class FrozenVQModel(nn.Module):
         super().__init__()
         from diffusers import VQModel
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"vae.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        torch_dtype = _dtype(dtype)
         low, high = (float(v) for v in pixel_range)
         if not high > low:
             raise ValueError(f"vae.pixel_range={list(pixel_range)} must be [low, high] with low < high, e.g. [0, 1]")
         if pretrained:
-            try:
-                vq = VQModel.from_pretrained(
-                    pretrained, subfolder=subfolder, torch_dtype=_DTYPES[dtype], low_cpu_mem_usage=False
-                )
-            except (OSError, ValueError) as err:
-                alternative = "or `VQModel.from_pretrained(...).save_pretrained(<dir>)`"
-                raise artefact_not_loaded("vae.pretrained", pretrained, err, alternative) from None
+            vq = _from_pretrained(VQModel, pretrained, subfolder, torch_dtype)
         elif config:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(init_seed))
                 vq = VQModel(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(config).items()})
-            vq = vq.to(_DTYPES[dtype]) if _DTYPES[dtype] != torch.float32 else vq
+            vq = vq.to(torch_dtype) if torch_dtype != torch.float32 else vq
         else:
             raise ValueError("vae.pretrained=null needs vae.config (a randomly initialised VQModel); set one of them")
         self.vq = vq.eval().requires_grad_(False)
         self.pretrained = str(pretrained) if pretrained else f"random VQModel (init_seed={int(init_seed)})"
-        self.dtype = _DTYPES[dtype]
+        self.dtype = torch_dtype
         self.pixel_range = (low, high)
         self.codebook_size = int(vq.config.num_vq_embeddings)
         self.downsample_factor = 2 ** (len(vq.config.block_out_channels) - 1)
@@ -297,6 +282,21 @@ def same_encoder(a: dict, b: dict) -> bool:
         return False
     pa, pb = torch.tensor(a.get("encoder_probe", [])), torch.tensor(b.get("encoder_probe", []))
     return pa.shape == pb.shape and bool(torch.allclose(pa, pb, rtol=2e-2, atol=2e-3))
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"vae.dtype={name!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _from_pretrained(cls: type, pretrained: str, subfolder: str | None, dtype: torch.dtype) -> nn.Module:
+    """A diffusers model from a hub id or a local folder; offline or wrong, a one-line error saying what to do."""
+    try:
+        return cls.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as err:
+        alternative = f"or `{cls.__name__}.from_pretrained(...).save_pretrained(<dir>)`"
+        raise artefact_not_loaded("vae.pretrained", pretrained, err, alternative) from None
 
 
 def _check_declared(key: str, declared: int | None, actual: int, what: str) -> None:
