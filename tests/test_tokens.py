@@ -339,3 +339,16 @@ def test_presets_count_parameters_and_flops():
         text = build_backbone(OmegaConf.merge(amused.model, {"text_conditioning": True, "num_class_embeds": -1}))
     assert sum(p.numel() for p in text.parameters()) == 603_537_664  # aMUSEd-256's transformer (603.5M)
     assert config_cost(amused).input_shape == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+sampler.step_kwargs.eta=0.5", r"sampler.step_kwargs.eta is not an option of the masked-token sampler"),
+        ("sampler.guidance_interval=[0,5]", r"sampler.guidance_interval is not supported by the masked-token"),
+    ],
+)
+def test_unmasking_options_are_checked_before_training(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_training(compose_config([*RUN, *SHAPES, override], tmp_path))
+    assert not (tmp_path / "run").exists()

@@ -220,8 +220,9 @@ class FrozenVQModel(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) int64 ids of the nearest codebook vectors."""
-        h = self.vq.encode(self._to_vq(images)).latents  # (B, D, h, w)
-        _, _, (_, _, ids) = self.vq.quantize(h)  # ids flattened (B * h * w,)
+        with torch.autocast(images.device.type, enabled=False):  # the ids of the tokenizer's dtype, not autocast's
+            h = self.vq.encode(self._to_vq(images)).latents  # (B, D, h, w)
+            _, _, (_, _, ids) = self.vq.quantize(h)  # ids flattened (B * h * w,)
         return ids.reshape(h.shape[0], h.shape[2], h.shape[3]).long()
 
     @torch.no_grad()

@@ -104,11 +104,13 @@ def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") 
             name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
             kind, allowed = ("masked-token", "amused") if token_objective else ("diffusion", _DIFFUSION_SAMPLERS)
             raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
-        if OmegaConf.select(cfg, sampler_key.rsplit(".", 1)[0] + ".guidance_interval", default=None) is not None:
-            raise ConfigError(
-                "sampler.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
-                "levels); use sampler.guidance_interval=null"
-            )
+        from latentdiff.masking import check_unmask_options
+
+        sampler_cfg = OmegaConf.select(cfg, sampler_key.rsplit(".", 1)[0])
+        try:
+            check_unmask_options(sampler_cfg.get("step_kwargs") or {}, sampler_cfg.get("guidance_interval"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         return
     flow_objective, flow_sampler = objective.endswith("FlowMatching"), "FlowMatch" in sampler
     if flow_objective != flow_sampler:

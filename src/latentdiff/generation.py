@@ -163,18 +163,11 @@ class TokenSampler(ImageSampler):
     (`index_generator(seed, i, STEP)`), so an image depends only on (model, sampler, seed, index).
     """
 
-    _STEP_KWARGS = ("temperature", "starting_mask_ratio")
-
     def __init__(self, *args: Any, **kwargs: Any):
+        from latentdiff.masking import check_unmask_options
+
         super().__init__(*args, **kwargs)
-        unknown = sorted(set(self.step_kwargs) - set(self._STEP_KWARGS))
-        if unknown:
-            raise ValueError(
-                f"sampler.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
-                f"{' or '.join(self._STEP_KWARGS)}"
-            )
-        if self.guidance_interval is not None:
-            raise ValueError("sampler.guidance_interval is not supported by the masked-token sampler; use null")
+        check_unmask_options(self.step_kwargs, self.guidance_interval)
 
     @torch.no_grad()
     def latents(self, indices: Sequence[int], cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from diffusers import AmusedScheduler
 from latentdiff.diffusion import Generators, guided_output
 
 MASKING_SCHEDULES = ("cosine", "linear")
+UNMASK_OPTIONS = ("temperature", "starting_mask_ratio")  # sampler.step_kwargs of the unmasking loop
 
 
 class MaskedTokens:
@@ -150,6 +151,21 @@ def check_token_run(backbone: Any, autoencoder: Any, objective: Any) -> None:
             f"diffusion.scheduler.mask_token_id={objective.mask_token_id} is not the model's mask id "
             f"model.vocab_size - 1 = {backbone.mask_token_id}; set diffusion.scheduler.mask_token_id="
             f"{backbone.mask_token_id}"
+        )
+
+
+def check_unmask_options(step_kwargs: dict[str, Any], guidance_interval: Sequence[float] | None) -> None:
+    """Raise one line for a `sampler.step_kwargs` key the unmasking loop does not take, or a guidance interval."""
+    unknown = sorted(set(step_kwargs) - set(UNMASK_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"sampler.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
+            f"{' or '.join(UNMASK_OPTIONS)}"
+        )
+    if guidance_interval is not None:
+        raise ValueError(
+            "sampler.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
+            "levels); use sampler.guidance_interval=null"
         )
 
 
