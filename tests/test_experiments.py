@@ -22,7 +22,16 @@ from latentdiff.extract import run_extraction
 from latentdiff.models import build_backbone
 from latentdiff.training import run_training
 
-from .artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
+from .artefacts import (
+    TINY_VAE_FACTOR,
+    TINY_VQ_CODES,
+    TINY_VQ_FACTOR,
+    make_coco,
+    make_image_folder,
+    make_tiny_clip,
+    make_tiny_vae,
+    make_tiny_vq,
+)
 from .conftest import CONF_DIR, compose_config
 from .test_latents import compose_extract
 
@@ -220,7 +229,7 @@ def stores(tmp_path_factory):
     kind: "labels" (tiny VAE, 3 classes), "pixels" (vae=none, 3 classes) or "text" (tiny VAE and CLIP).
     """
     root = tmp_path_factory.mktemp("experiment_stores")
-    art = {"vae": make_tiny_vae(root / "vae"), "clip": make_tiny_clip(root / "clip")}
+    art = {"vae": make_tiny_vae(root / "vae"), "clip": make_tiny_clip(root / "clip"), "vq": make_tiny_vq(root / "vq")}
     art["folder"] = make_image_folder(root / "images", per_class=4, corrupt=0)
     art["coco"] = make_coco(root / "coco", count=8)
     made: dict[tuple, Path] = {}
@@ -232,6 +241,8 @@ def stores(tmp_path_factory):
             args = [f"resolution={resolution}", "shard_size=8", "batch_size=8", "num_workers=0", f"out={out}"]
             if kind == "pixels":
                 args += ["vae=none", "vae.channels=3"]
+            elif kind == "tokens":
+                args += _tiny_vq(art["vq"])
             else:
                 args += [f"vae.pretrained={art['vae']}", f"vae.downsample_factor={TINY_VAE_FACTOR}"]
                 if scaling_factor is not None:
@@ -246,16 +257,32 @@ def stores(tmp_path_factory):
             made[key] = out
         return made[key]
 
-    store.vae = art["vae"]
+    store.vae, store.vq = art["vae"], art["vq"]
     return store
+
+
+def _tiny_vq(path: Path) -> list[str]:
+    """The overrides that put the tiny VQModel in place of a preset's VQ-GAN."""
+    return [
+        "vae=vq_local",
+        f"vae.pretrained={path}",
+        f"vae.codebook_size={TINY_VQ_CODES}",
+        f"vae.downsample_factor={TINY_VQ_FACTOR}",
+        "vae.latent_channels=4",
+    ]
 
 
 def _toy_model(model) -> list[str]:
     """Toy-width overrides of a preset's backbone (its layout, depth pattern and options kept)."""
     if model._target_ == UVIT:
         return ["model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
-    if model._target_.endswith("UVit2D"):
-        return []  # quickstart_tokens: already tiny
+    if model._target_.endswith("UVit2D"):  # its layout (down/upsampling, conditioning) kept
+        return [
+            "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+            "model.in_channels=16", "model.block_out_channels=16", "model.block_num_heads=2",
+            "model.num_res_blocks=1", "model.intermediate_size=64", "model.micro_cond_encode_dim=4",
+            "model.micro_cond_embed_dim=20",
+        ]  # fmt: skip
     levels = ",".join(["32"] * len(model.block_out_channels))
     heads = "model.attention_head_dim=" + ("2" if model._target_ == UNET_COND else "8")  # heads | channels per head
     return [f"model.block_out_channels=[{levels}]", "model.norm_num_groups=8", "model.layers_per_block=1", heads]
@@ -266,6 +293,11 @@ def _toy_data(cfg, stores) -> list[str]:
     if not cfg.data._target_.endswith("LatentDataModule"):  # built-in data (the quickstart's shapes)
         return ["data.num_train=32", "data.num_val=8", "data.num_workers=0"]
     text, pixels = bool(cfg.data.text), cfg.vae._target_ == PIXELS
+    if cfg.vae._target_.endswith("FrozenVQModel"):  # a token store of the tiny VQModel (8x8 ids)
+        overrides = ["data.image_size=32", *_tiny_vq(stores.vq)]
+        root = stores("tokens", 32, None)
+        return [*overrides, f"data.root={root}", "data.num_workers=0", "data.pin_memory=false", "data.num_val=4",
+                "data.num_classes=3"]  # fmt: skip
     if pixels:
         resolution, scaling = cfg.data.image_size, None  # the pixel rows' own sizes (32, 64)
         overrides = []

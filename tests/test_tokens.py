@@ -110,6 +110,8 @@ def test_tokenizer_is_diffusers_vqmodel(art):
         ours.decode_tokens(torch.full((1, TOKENS, TOKENS), TINY_VQ_CODES))
     other = FrozenVQModel(str(make_tiny_vq(art["root"] / "vq_seed1", seed=1)))
     assert same_encoder(ours.describe(), ours.describe()) and not same_encoder(ours.describe(), other.describe())
+    signed = FrozenVQModel(str(art["vq"]), pixel_range=(-1.0, 1.0))  # the same weights fed other pixel values
+    assert not same_encoder(ours.describe(), signed.describe())
     with pytest.raises(ValueError, match=r"vae.codebook_size=32 does not match .* which has 64"):
         FrozenVQModel(str(art["vq"]), codebook_size=32)
 
@@ -190,11 +192,13 @@ def test_uvit2d_is_the_diffusers_model_and_loads_its_folders(tmp_path):
         logits = text(ids, torch.zeros(3), cond)
     assert logits.shape == (3, TINY_VQ_CODES, TOKENS, TOKENS) and torch.equal(logits, reference)
     text.transformer.save_pretrained(tmp_path / "transformer")  # a diffusers folder, as aMUSEd's transformer/
-    cfg = {"_target_": "latentdiff.models.uvit2d.UVit2D", "pretrained": str(tmp_path / "transformer")}
-    cfg.update(text_conditioning=True, micro_conds=[32, 32, 0, 0, 6], **TINY_UVIT2D)
-    loaded = build_backbone(OmegaConf.create(cfg))
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(ids, None, cond), logits)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "AmusedPipeline"}')  # and the pipeline's root
+    for folder in (tmp_path / "transformer", tmp_path):
+        cfg = {"_target_": "latentdiff.models.uvit2d.UVit2D", "pretrained": str(folder)}
+        cfg.update(text_conditioning=True, micro_conds=[32, 32, 0, 0, 6], **TINY_UVIT2D)
+        loaded = build_backbone(OmegaConf.create(cfg))
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids, None, cond), logits)
     classes = UVit2D(num_class_embeds=4, **TINY_UVIT2D).eval()  # 3 classes + the null row
     with torch.no_grad():
         null = classes(ids, None, None)
@@ -262,7 +266,7 @@ def test_extract_train_sample_evaluate(art, tmp_path):
 
 def test_text_conditional_run_samples_with_prompts(art, tmp_path):
     data = ["data=latents", f"data.root={art['text']}", "data.image_size=32", "data.text=true", "data.text_dim=32"]
-    data += ["data.text_len=78", "data.batch_size=4", "data.num_workers=0", "data.num_val=4", "model.cond_embed_dim=32"]
+    data += ["data.text_len=78", "data.batch_size=4", "data.num_workers=0", "data.num_val=4"]
     result = run_training(compose_config([*RUN, *art["vq_args"], *data, "trainer.max_steps=2"], tmp_path))
     assert result["global_step"] == 2 and math.isfinite(result["metrics"]["train/loss"])
     out = tmp_path / "samples"
@@ -270,6 +274,8 @@ def test_text_conditional_run_samples_with_prompts(art, tmp_path):
     run_sampling(compose_entry("sample", args), args)
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
     assert len((out / "captions.txt").read_text().splitlines()) == 4
+    with pytest.raises(ConfigError, match=r"model.pooled_text=false but data.root=.*ends with the pooled embedding"):
+        run_training(compose_config([*RUN, *art["vq_args"], *data, "model.pooled_text=false"], tmp_path / "b"))
 
 
 def test_checkpoint_round_trip_resumes_exactly(tmp_path):
@@ -294,7 +300,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.codebook_size=128"], r"model.codebook_size=128 does not match the VQ model's codebook .*256 codes"),
+        (["model.codebook_size=128"], r"model.codebook_size=128 does not match the VQ model's codebook of 256 codes"),
         (["model.vocab_size=256"], r"model.vocab_size=256 is too small for model.codebook_size=256 .* >= 257"),
         (["sampler=ddim"], r"scheduler=DDIMScheduler cannot sample a masked-token model .*; use sampler=amused"),
         (["diffusion=linear", "sampler=ddim"], r"masked-token run needs .*; diffusion is not set for one"),
@@ -346,9 +352,28 @@ def test_presets_count_parameters_and_flops():
     [
         ("+sampler.step_kwargs.eta=0.5", r"sampler.step_kwargs.eta is not an option of the masked-token sampler"),
         ("sampler.guidance_interval=[0,5]", r"sampler.guidance_interval is not supported by the masked-token"),
+        ("+callbacks.sample_grid.step_kwargs.eta=1", r"callbacks.sample_grid.step_kwargs.eta is not an option of"),
     ],
 )
 def test_unmasking_options_are_checked_before_training(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_training(compose_config([*RUN, *SHAPES, override], tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = UVit2D(num_class_embeds=4, **TINY_UVIT2D)
+    checkpointed = UVit2D(num_class_embeds=4, gradient_checkpointing=True, **TINY_UVIT2D)
+    checkpointed.load_state_dict(plain.state_dict())
+    objective = MaskedTokens(AmusedScheduler(mask_token_id=TINY_VQ_CODES))
+    x0 = torch.randint(0, TINY_VQ_CODES, (4, TOKENS, TOKENS))
+    r, u, labels = torch.rand(4), torch.rand(4, TOKENS, TOKENS), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for model in (plain, checkpointed):
+        loss, _ = objective.loss(model, x0, labels, t=r, eps=u)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)

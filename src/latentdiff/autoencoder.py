@@ -228,7 +228,7 @@ class FrozenVQModel(nn.Module):
     @torch.no_grad()
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, h, w) codebook ids -> (B, 3, H, W) pixels in about [-1, 1], fp32."""
-        if int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size:
+        if bool(((ids < 0) | (ids >= self.codebook_size)).any()):  # one read-back
             raise ValueError(f"token ids must be in [0, {self.codebook_size}): the mask token cannot be decoded")
         shape = (*ids.shape, self.latent_channels)  # (B, h, w, D)
         if self.vq.config.lookup_from_codebook:  # aMUSEd's VQ-GAN: decode() looks the ids up itself
@@ -279,8 +279,8 @@ def same_encoder(a: dict, b: dict) -> bool:
         return False
     if a["kind"] == "identity":
         return a.get("channels") == b.get("channels")
-    if a["kind"] == "VQModel" and a.get("codebook_size") != b.get("codebook_size"):
-        return False
+    if a["kind"] == "VQModel" and any(a.get(k) != b.get(k) for k in ("codebook_size", "pixel_range")):
+        return False  # another codebook, or the same encoder fed differently scaled images
     pa, pb = torch.tensor(a.get("encoder_probe", [])), torch.tensor(b.get("encoder_probe", []))
     return pa.shape == pb.shape and bool(torch.allclose(pa, pb, rtol=2e-2, atol=2e-3))
 

@@ -33,6 +33,7 @@ def register_resolvers() -> None:
         "ld.div": lambda a, b: int(a) // int(b),
         "ld.mul": lambda a, b: a * b,
         "ld.add": lambda a, b: a + b,
+        "ld.if": lambda condition, a, b: a if condition else b,
         "ld.official_offset": _official_offset,
         "ld.cwd": os.getcwd,  # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in
         # Hydra's multirun launcher, before any job (hydra.sweep.dir reads it through paths.log_dir)
@@ -102,13 +103,16 @@ def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") 
     if token_objective or token_sampler:
         if token_objective != token_sampler:
             name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
-            kind, allowed = ("masked-token", "amused") if token_objective else ("diffusion", _DIFFUSION_SAMPLERS)
+            kind, allowed = (
+                ("masked-token", "amused")
+                if token_objective
+                else ("diffusion", f"{_DIFFUSION_SAMPLERS} (or diffusion=masked_tokens for a token model)")
+            )
             raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
-        from latentdiff.masking import check_unmask_options
+        from latentdiff.masking import check_token_config
 
-        sampler_cfg = OmegaConf.select(cfg, sampler_key.rsplit(".", 1)[0])
         try:
-            check_unmask_options(sampler_cfg.get("step_kwargs") or {}, sampler_cfg.get("guidance_interval"))
+            check_token_config(cfg)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return

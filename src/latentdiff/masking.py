@@ -141,31 +141,89 @@ def check_token_run(backbone: Any, autoencoder: Any, objective: Any) -> None:
         verb = "is" if len(wrong) == 1 else "are"
         raise ValueError(f"a masked-token run needs {need}; {' and '.join(wrong)} {verb} not set for one")
     if backbone.codebook_size != autoencoder.codebook_size:
-        raise ValueError(
-            f"model.codebook_size={backbone.codebook_size} does not match the VQ model's codebook "
-            f"({autoencoder.pretrained}: {autoencoder.codebook_size} codes); set model.codebook_size="
-            f"{autoencoder.codebook_size}"
-        )
+        raise ValueError(codebook_error(backbone.codebook_size, autoencoder.codebook_size, autoencoder.pretrained))
     if objective.mask_token_id != backbone.mask_token_id:
+        raise ValueError(mask_id_error(objective.mask_token_id, backbone.vocab_size))
+
+
+def check_text_rows(backbone: Any, text_meta: dict | None, key: str) -> None:
+    """A text-conditional token backbone reads the pooled embedding from the last feature row exactly when the
+    store's text encoder wrote one there (`text_encoder.pooled=true`).
+
+    Raises:
+        ValueError: one line naming `model.pooled_text`, the store (`key`) and what to set.
+    """
+    if not getattr(backbone, "text_conditioning", False) or not text_meta:
+        return
+    stored = bool(text_meta.get("pooled"))
+    if backbone.pooled_text != stored:
+        held = "ends with the pooled embedding" if stored else "holds no pooled embedding (hidden states only)"
         raise ValueError(
-            f"diffusion.scheduler.mask_token_id={objective.mask_token_id} is not the model's mask id "
-            f"model.vocab_size - 1 = {backbone.mask_token_id}; set diffusion.scheduler.mask_token_id="
-            f"{backbone.mask_token_id}"
+            f"model.pooled_text={str(backbone.pooled_text).lower()} but {key}'s text features {held}; set "
+            f"model.pooled_text={str(stored).lower()}"
+            + ("" if stored else " or extract with text_encoder.pooled=true (aMUSEd: text_encoder=amused)")
         )
 
 
-def check_unmask_options(step_kwargs: dict[str, Any], guidance_interval: Sequence[float] | None) -> None:
-    """Raise one line for a `sampler.step_kwargs` key the unmasking loop does not take, or a guidance interval."""
+def codebook_error(model_codes: int, vq_codes: int, where: str) -> str:
+    return (
+        f"model.codebook_size={model_codes} does not match the VQ model's codebook of {vq_codes} codes ({where}); "
+        f"set model.codebook_size={vq_codes}"
+    )
+
+
+def mask_id_error(mask_id: int, vocab: int) -> str:
+    return (
+        f"diffusion.scheduler.mask_token_id={mask_id} is not the model's mask id model.vocab_size - 1 = {vocab - 1}; "
+        f"set diffusion.scheduler.mask_token_id={vocab - 1}"
+    )
+
+
+def check_token_config(cfg: Any) -> None:
+    """The numbers of a masked-token run agree, checked on the composed config before anything is built: the
+    model's codebook is the VQ model's (as declared by `vae.codebook_size`), the vocabulary has room for the mask
+    id, the mask id is the vocabulary's last, and every sampler (`sampler`, the grid and FID callbacks) takes only
+    the unmasking loop's options.
+
+    Raises:
+        ValueError: one line naming the key, the value and what to set.
+    """
+    from omegaconf import OmegaConf
+
+    from latentdiff.models.uvit2d import vocab_error
+
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=None)
+
+    keys = ("model.codebook_size", "vae.codebook_size", "model.vocab_size", "diffusion.scheduler.mask_token_id")
+    codes, vq_codes, vocab, mask = (get(k) for k in keys)
+    if codes is not None and vq_codes is not None and int(codes) != int(vq_codes):
+        raise ValueError(codebook_error(codes, vq_codes, "vae.codebook_size"))
+    if codes is not None and vocab is not None and int(vocab) < int(codes) + 1:
+        raise ValueError(vocab_error(vocab, codes))
+    if mask is not None and vocab is not None and int(mask) != int(vocab) - 1:
+        raise ValueError(mask_id_error(mask, vocab))
+    samplers = {"sampler": get("sampler")}
+    samplers.update({f"callbacks.{k}": v for k, v in (get("callbacks") or {}).items() if v and "step_kwargs" in v})
+    for key, sampler in samplers.items():
+        if sampler is not None:
+            check_unmask_options(sampler.get("step_kwargs") or {}, sampler.get("guidance_interval"), key)
+
+
+def check_unmask_options(
+    step_kwargs: dict[str, Any], guidance_interval: Sequence[float] | None, key: str = "sampler"
+) -> None:
+    """Raise one line for a `<key>.step_kwargs` entry the unmasking loop does not take, or a guidance interval."""
     unknown = sorted(set(step_kwargs) - set(UNMASK_OPTIONS))
     if unknown:
         raise ValueError(
-            f"sampler.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
+            f"{key}.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
             f"{' or '.join(UNMASK_OPTIONS)}"
         )
     if guidance_interval is not None:
         raise ValueError(
-            "sampler.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
-            "levels); use sampler.guidance_interval=null"
+            f"{key}.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
+            f"levels); use {key}.guidance_interval=null"
         )
 
 

@@ -34,7 +34,7 @@ from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
 from latentdiff.extract import dist_env
 from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
-from latentdiff.masking import check_token_run
+from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
 from latentdiff.training import user_errors
 from latentdiff.utils import framework_versions
@@ -128,6 +128,7 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
         if store_path in ("val", "train"):
             store_path = run.data.get("val_root") if store_path == "val" and run.data.get("val_root") else run.data.root
         store = LatentStore(store_path, key="prompts")
+        check_text_rows(backbone, store.meta.get("text"), f"prompts={store_path}")
         prompts = PromptSet(store)
         null_text = torch.from_numpy(store.empty_text).float().to(device)  # (L, D)
         source["prompts"] = {"store": str(Path(store_path).resolve()), "captions": len(prompts)}

@@ -27,7 +27,7 @@ from latentdiff.config import ConfigError, validate_train_config
 from latentdiff.distributed import check_strategy, trainer_batch
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
-from latentdiff.masking import check_token_run
+from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
 
@@ -198,6 +198,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             check_sampler(instantiate(cfg.sampler.scheduler), module.diffusion.scheduler, interval)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
+        if getattr(datamodule, "text", False):
+            check_text_rows(module.backbone, datamodule.store.meta.get("text"), f"data.root={datamodule.store.root}")
         empty_text = getattr(datamodule, "empty_text", None)
         if empty_text is not None:
             module.null_text = empty_text  # (L, D): the null condition of text runs

@@ -99,7 +99,14 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
     """Load weights into `backbone` in place (strict): a weights file, or a diffusers folder for the UNets."""
     path = Path(pretrained)
     name = type(backbone).__name__
-    if path.is_dir() and (path / "model_index.json").is_file():  # an export folder (latentdiff.export)
+    pipeline = path.is_dir() and (path / "model_index.json").is_file()
+    if pipeline and "_latentdiff" not in json.loads((path / "model_index.json").read_text()):
+        # a diffusers pipeline folder (e.g. amused/amused-256): its denoiser folder
+        sub = "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
+        if not (path / sub).is_dir():
+            raise ValueError(f"{key}={pretrained} is a diffusers pipeline folder without the {sub}/ of a {name}")
+        path, pipeline = path / sub, False
+    if pipeline:  # an export folder (latentdiff.export)
         if not hasattr(backbone, "diffusers_cls"):
             path = path / "backbone.safetensors"  # the whole backbone (UVit2D's class tables too)
         elif not (path / "unet").is_dir():

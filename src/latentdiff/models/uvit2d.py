@@ -32,8 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UVit2DModel
 from torch import nn
+
+
+def vocab_error(vocab: int, codebook: int) -> str:
+    """The one-line error of a vocabulary with no room for the mask id after the codebook's ids."""
+    return (
+        f"model.vocab_size={vocab} is too small for model.codebook_size={codebook} and the mask token "
+        f"(id vocab_size - 1); use model.vocab_size >= {codebook + 1}"
+    )
 
 
 class UVit2D(nn.Module):
@@ -71,10 +80,7 @@ class UVit2D(nn.Module):
             )
         codebook, vocab = int(get("codebook_size")), int(get("vocab_size"))
         if vocab < codebook + 1:
-            raise ValueError(
-                f"model.vocab_size={vocab} is too small for model.codebook_size={codebook} and the mask token "
-                f"(id vocab_size - 1); use model.vocab_size >= {codebook + 1}"
-            )
+            raise ValueError(vocab_error(vocab, codebook))
         encode, embed = int(get("micro_cond_encode_dim")), int(get("micro_cond_embed_dim"))
         micro = [float(v) for v in micro_conds]
         if len(micro) * encode != embed:
@@ -91,14 +97,15 @@ class UVit2D(nn.Module):
         if text_conditioning and num_class_embeds is not None and int(num_class_embeds) > 0:
             raise ValueError("model.text_conditioning=true and model.num_class_embeds > 0: choose one condition")
         hidden, pooled = int(get("encoder_hidden_size")), int(get("cond_embed_dim"))
-        if text_conditioning and pooled_text and hidden != pooled:
+        if text_conditioning and hidden != pooled:
             raise ValueError(
-                f"model.pooled_text=true needs model.cond_embed_dim={pooled} == model.encoder_hidden_size={hidden} "
-                "(the pooled embedding is a row of the text features); or set model.pooled_text=false"
+                f"model.text_conditioning=true needs model.cond_embed_dim={pooled} == model.encoder_hidden_size="
+                f"{hidden}: the pooled embedding is a row (or the mean) of the text features; set both to data.text_dim"
             )
         self.transformer = UVit2DModel(**uvit_kwargs)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        if gradient_checkpointing:  # diffusers' own switch calls its checkpoint wrapper with keywords it does not take
+            for layer in self.transformer.transformer_layers:
+                layer.forward = _checkpointed(layer.forward)
         self.codebook_size, self.vocab_size, self.mask_token_id = codebook, vocab, vocab - 1
         self.text_conditioning, self.pooled_text = bool(text_conditioning), bool(pooled_text)
         self.num_classes = int(num_class_embeds) - 1 if num_class_embeds is not None and num_class_embeds > 0 else 0
@@ -155,3 +162,14 @@ class UVit2D(nn.Module):
         """The state dict of a `UVit2DModel` folder (e.g. aMUSEd's `transformer/`), keyed for this wrapper."""
         model = UVit2DModel.from_pretrained(path)
         return {f"transformer.{k}": v for k, v in model.state_dict().items()}
+
+
+def _checkpointed(forward: Any) -> Any:
+    """`forward` that recomputes its activations in the backward pass while gradients are on (a transformer layer)."""
+
+    def run(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(hidden_states, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, hidden_states, use_reentrant=False, **kwargs)
+
+    return run
