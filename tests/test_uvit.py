@@ -108,7 +108,7 @@ PRESETS = {
 
 
 def test_every_preset_is_counted() -> None:
-    assert sorted(p.stem for p in CONF_MODEL.glob("uvit*.yaml")) == sorted(PRESETS)
+    assert sorted(p.stem for p in CONF_MODEL.glob("uvit_*.yaml")) == sorted(PRESETS)
 
 
 def _model_cfg(request: pytest.FixtureRequest, preset: str, size: int, chans: int, classes: int) -> DictConfig:
