@@ -19,6 +19,7 @@ from latentdiff.autoencoder import FrozenVQModel, same_encoder
 from latentdiff.config import ConfigError
 from latentdiff.data import LatentStore, render_shapes
 from latentdiff.data.latents import LatentDataset
+from latentdiff.ema import EMA
 from latentdiff.evaluation import run_evaluation
 from latentdiff.export import export, load_exported
 from latentdiff.extract import run_extraction
@@ -377,3 +378,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+    copy = EMA(checkpointed).model  # a deep copy: its layers must run on its own weights
+    with torch.no_grad():
+        for p in checkpointed.transformer.transformer_layers.parameters():
+            p.add_(1.0)
+        assert not torch.allclose(copy(x0, None, labels), checkpointed(x0, None, labels))
+        torch.testing.assert_close(copy(x0, None, labels), plain(x0, None, labels))

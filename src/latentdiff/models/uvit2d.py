@@ -28,6 +28,7 @@ Every `UVit2DModel` constructor argument is taken by its diffusers name; the dif
 from __future__ import annotations
 
 import inspect
+import types
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ class UVit2D(nn.Module):
         self.transformer = UVit2DModel(**uvit_kwargs)
         if gradient_checkpointing:  # diffusers' own switch calls its checkpoint wrapper with keywords it does not take
             for layer in self.transformer.transformer_layers:
-                layer.forward = _checkpointed(layer.forward)
+                layer.forward = types.MethodType(_checkpointed_forward, layer)
         self.codebook_size, self.vocab_size, self.mask_token_id = codebook, vocab, vocab - 1
         self.text_conditioning, self.pooled_text = bool(text_conditioning), bool(pooled_text)
         self.num_classes = int(num_class_embeds) - 1 if num_class_embeds is not None and num_class_embeds > 0 else 0
@@ -164,12 +165,12 @@ class UVit2D(nn.Module):
         return {f"transformer.{k}": v for k, v in model.state_dict().items()}
 
 
-def _checkpointed(forward: Any) -> Any:
-    """`forward` that recomputes its activations in the backward pass while gradients are on (a transformer layer)."""
+def _checkpointed_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """A transformer layer's forward that recomputes its activations in the backward pass while gradients are on.
 
-    def run(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return forward(hidden_states, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, hidden_states, use_reentrant=False, **kwargs)
-
-    return run
+    Bound to the layer with `types.MethodType`, so `copy.deepcopy` (the EMA copy) binds it to the copied layer.
+    """
+    forward = type(layer).forward.__get__(layer)
+    if not torch.is_grad_enabled():
+        return forward(hidden_states, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, hidden_states, use_reentrant=False, **kwargs)
