@@ -201,7 +201,6 @@ class FrozenVQModel(nn.Module):
         self.codebook_size = int(vq.config.num_vq_embeddings)
         self.downsample_factor = 2 ** (len(vq.config.block_out_channels) - 1)
         self.latent_channels = int(vq.config.vq_embed_dim or vq.config.latent_channels)
-        self.scaling_factor = 1.0  # tokens are not scaled; kept for the shared `describe` checks
         _check_declared("codebook_size", codebook_size, self.codebook_size, self.pretrained)
         _check_declared("downsample_factor", downsample_factor, self.downsample_factor, self.pretrained)
         _check_declared("latent_channels", latent_channels, self.latent_channels, self.pretrained)
@@ -249,7 +248,6 @@ class FrozenVQModel(nn.Module):
         return {
             "kind": "VQModel",
             "pretrained": self.pretrained,
-            "scaling_factor": self.scaling_factor,
             "codebook_size": self.codebook_size,
             "downsample_factor": self.downsample_factor,
             "latent_channels": self.latent_channels,

@@ -86,7 +86,7 @@ def _number(cfg: DictConfig, key: str) -> float | None:
     return value
 
 
-_DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"
+DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"  # conf/sampler/ of Gaussian/flow
 
 
 def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") -> None:
@@ -106,7 +106,7 @@ def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") 
             kind, allowed = (
                 ("masked-token", "amused")
                 if token_objective
-                else ("diffusion", f"{_DIFFUSION_SAMPLERS} (or diffusion=masked_tokens for a token model)")
+                else ("diffusion", f"{DIFFUSION_SAMPLERS} (or diffusion=masked_tokens for a token model)")
             )
             raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
         from latentdiff.masking import check_token_config

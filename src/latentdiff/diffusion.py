@@ -27,6 +27,8 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from latentdiff.config import DIFFUSION_SAMPLERS
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 FLOW_TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -286,7 +288,7 @@ def make_sampling_scheduler(scheduler_partial: Callable[..., SchedulerMixin], tr
         raise ValueError(
             f"sampler.scheduler={type(scheduler).__name__} cannot sample a "
             f"{'masked-token' if token_train else 'diffusion'} model (diffusion={type(train_scheduler).__name__}); "
-            f"use sampler={'amused' if token_train else 'ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun'}"
+            f"use sampler={'amused' if token_train else DIFFUSION_SAMPLERS}"
         )
     if token_train:
         return scheduler

@@ -201,7 +201,9 @@ class TokenSampler(ImageSampler):
 
 def sampler_class(autoencoder: nn.Module) -> type[ImageSampler]:
     """`TokenSampler` for a VQ tokenizer (masked-token runs), else `ImageSampler`."""
-    return TokenSampler if getattr(autoencoder, "kind", None) == "tokens" else ImageSampler
+    from latentdiff.autoencoder import is_tokenizer
+
+    return TokenSampler if is_tokenizer(autoencoder) else ImageSampler
 
 
 def module_sampler(pl_module, scheduler: Callable, steps: int, guidance_scale: float = 1.0, **kwargs) -> ImageSampler:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AmusedScheduler
 
+from latentdiff.autoencoder import is_tokenizer
 from latentdiff.diffusion import Generators, guided_output
 
 MASKING_SCHEDULES = ("cosine", "linear")
@@ -131,7 +132,7 @@ def check_token_run(backbone: Any, autoencoder: Any, objective: Any) -> None:
     tokens = [
         ("diffusion", isinstance(objective, MaskedTokens), "diffusion=masked_tokens"),
         ("model", bool(getattr(backbone, "token_input", False)), "model=uvit2d or uvit2d_tiny"),
-        ("vae", getattr(autoencoder, "kind", None) == "tokens", "vae=vq_amused256, vq_local or vq_tiny"),
+        ("vae", is_tokenizer(autoencoder), "vae=vq_amused256, vq_local or vq_tiny"),
     ]
     if not any(is_token for _, is_token, _ in tokens):
         return

@@ -86,34 +86,26 @@ def check_fits(backbone: nn.Module, state: dict[str, torch.Tensor], key: str, va
         raise ValueError(f"{key}={value} does not fit {model_name}: {'; '.join(parts)}")
 
 
-def _diffusers_class(folder: Path) -> str | None:
-    """The diffusers class a folder's config.json names (None: not a diffusers model folder)."""
+def _is_diffusers_model(folder: Path) -> bool:
+    """Whether a folder holds a diffusers model (its config.json was written by diffusers' `save_pretrained`)."""
     config = folder / "config.json"
-    if not config.is_file():
-        return None
-    name = json.loads(config.read_text()).get("_class_name")
-    return name if isinstance(name, str) and "_diffusers_version" in config.read_text() else None
+    return config.is_file() and "_diffusers_version" in json.loads(config.read_text())
 
 
 def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "model.pretrained") -> None:
     """Load weights into `backbone` in place (strict): a weights file, or a diffusers folder for the UNets."""
     path = Path(pretrained)
     name = type(backbone).__name__
-    pipeline = path.is_dir() and (path / "model_index.json").is_file()
-    if pipeline and "_latentdiff" not in json.loads((path / "model_index.json").read_text()):
-        # a diffusers pipeline folder (e.g. amused/amused-256): its denoiser folder
-        sub = "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
-        if not (path / sub).is_dir():
-            raise ValueError(f"{key}={pretrained} is a diffusers pipeline folder without the {sub}/ of a {name}")
-        path, pipeline = path / sub, False
-    if pipeline:  # an export folder (latentdiff.export)
-        if not hasattr(backbone, "diffusers_cls"):
-            path = path / "backbone.safetensors"  # the whole backbone (UVit2D's class tables too)
-        elif not (path / "unet").is_dir():
-            raise ValueError(f"{key}={pretrained} holds no unet/ folder for the configured {name}")
-        else:
-            path = path / "unet"
-    if path.is_dir() and hasattr(backbone, "load_diffusers") and _diffusers_class(path) is not None:
+    index = path / "model_index.json"
+    if path.is_dir() and index.is_file():
+        unet = hasattr(backbone, "diffusers_cls")
+        if "_latentdiff" in json.loads(index.read_text()):  # an export folder (latentdiff.export): the whole
+            path = path / ("unet" if unet else "backbone.safetensors")  # backbone (UVit2D's class tables too)
+        else:  # a diffusers pipeline folder (e.g. amused/amused-256): its denoiser
+            path = path / ("unet" if unet else "transformer")
+        if not path.exists():
+            raise ValueError(f"{key}={pretrained} holds no {path.name} for the configured {name}")
+    if path.is_dir() and hasattr(backbone, "load_diffusers") and _is_diffusers_model(path):
         try:  # a diffusers folder of the wrapped model (e.g. aMUSEd's transformer/ for UVit2D)
             state = backbone.load_diffusers(path)
         except (OSError, ValueError) as err:
