@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
+from latentdiff.rundir import check_location
 from latentdiff.training import train
 
 if __name__ == "__main__":
-    hydra_entry(train, Path(__file__).resolve().parent / "conf", "train")
+    hydra_entry(train, Path(__file__).resolve().parent / "conf", "train", precheck=check_location)

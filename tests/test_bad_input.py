@@ -15,34 +15,11 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from latentdiff.cli import CONF_DIR, hydra_entry
 from latentdiff.training import run_training
 
 from .conftest import TINY_RUN, compose_config
-
-
-def _entry(name: str):
-    if name == "train":
-        return lambda: hydra_entry(run_training, CONF_DIR, "train")
-    if name == "sample":
-        from latentdiff.sampling import run_sampling
-
-        return lambda: hydra_entry(run_sampling, CONF_DIR, "sample", cleanup_run_dir=False, pass_overrides=True)
-    if name == "evaluate":
-        from latentdiff.evaluation import run_evaluation
-
-        return lambda: hydra_entry(run_evaluation, CONF_DIR, "evaluate", cleanup_run_dir=False)
-    if name == "extract":
-        from latentdiff.extract import run_extraction
-
-        return lambda: hydra_entry(run_extraction, CONF_DIR, "extract", cleanup_run_dir=False)
-    from latentdiff.export import run_export
-
-    return lambda: hydra_entry(run_export, CONF_DIR, "export", cleanup_run_dir=False)
-
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+from .entries import entry as _entry
+from .entries import snapshot as _snapshot
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +48,12 @@ MATRIX = [
     ("train", ["optim.lr=-1e-4"], "optim.lr=-0.0001 must be > 0"),
     ("train", ["module.p_uncond=1.5"], "module.p_uncond=1.5 is outside [0, 1)"),
     ("train", ["model.skip=sideways"], "model.skip='sideways' is not allowed; use one of"),
-    ("train", ["trainer.precision=fp8"], "trainer.precision=fp8 is not supported; use one of"),
+    ("train", ["trainer.precision=fp8"], "trainer.precision='fp8' is not supported; use one of"),
     ("train", ["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
     ("train", ["data.num_train=8", "data.batch_size=16"], "data.batch_size=16 is larger than data.num_train=8"),
     ("train", ["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive integer"),
-    ("train", ["optim.lrr=1e-4"], "Could not override 'optim.lrr'.; To append to your config use +optim.lrr=1e-4"),
-    ("train", ["data.batch_size=big"], "data.batch_size='big' must be a number"),
+    ("train", ["optim.lrr=1e-4"], "optim.lrr=1e-4 is not a key of the config; did you mean optim.lr?"),
+    ("train", ["data.batch_size=big"], "data.batch_size='big' must be an integer"),
     ("train", ["module.ema.decay=1.5"], "module.ema.decay=1.5 must be in [0, 1)"),
     ("train", ["sampler=flow_euler"], "sampler.scheduler=FlowMatchEulerDiscreteScheduler cannot sample a Gaussian"),
     ("train", ["module.nonfinite.policy=ignore"], "module.nonfinite.policy='ignore' is not allowed; use one of"),
@@ -96,7 +73,7 @@ MATRIX = [
     ("sample", ["ckpt={w}/absent.ckpt", "out={w}/s"], "ckpt={w}/absent.ckpt does not exist"),
     ("sample", ["ckpt={w}/truncated.ckpt", "out={w}/s"], "ckpt={w}/truncated.ckpt is not a readable checkpoint"),
     ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "num_samples=0"], "num_samples=0 must be a positive integer"),
-    ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "precision=fp8"], "precision=fp8 is not supported"),
+    ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "precision=fp8"], "precision='fp8' is not supported"),
     ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "sampler=flow_euler"], "sampler.scheduler=FlowMatchEuler"),
     ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/images"], "out={w}/images is not empty and holds no samples.json"),
     ("evaluate", ["samples={w}/absent.npz", "reference={w}/samples.npz"], "samples={w}/absent.npz does not exist"),

@@ -9,9 +9,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from latentdiff.config import ConfigError, check_group_choices, validate_train_config
+from latentdiff.config import check_group_choices
 from latentdiff.diffusion import make_sampling_scheduler
+from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
+from latentdiff.validation import validate_train_config
 
 from .conftest import CONF_DIR
 
@@ -115,7 +117,7 @@ def test_default_is_the_quickstart(compose_cfg):
         ("module.p_uncond=-0.1", "module.p_uncond=-0.1 is outside [0, 1)"),
         ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
         ("trainer.max_steps=0", "trainer.max_steps=0 must be a positive integer"),
-        ("trainer.precision=fp8", "trainer.precision=fp8 is not supported"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not supported"),
         ("module.ema.decay=1.5", "module.ema.decay=1.5 must be in [0, 1)"),
         ("optim.lr=abc", "optim.lr='abc' must be a number"),
     ],

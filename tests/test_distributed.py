@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff.config import ConfigError
 from latentdiff.distributed import per_rank_batch
+from latentdiff.errors import ConfigError
 
 from .faults import weights
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 import latentdiff.extract as extract_mod
 from latentdiff.autoencoder import FrozenAutoencoderKL
-from latentdiff.config import ConfigError, register_resolvers
+from latentdiff.config import register_resolvers
 from latentdiff.data import ImageFolderSource, LatentDataModule, LatentStore, StoreError, center_crop_arr
+from latentdiff.errors import ConfigError
 from latentdiff.extract import run_extraction
 from latentdiff.sampling import run_sampling
 from latentdiff.training import run_training

@@ -12,11 +12,12 @@ import lightning as L
 import pytest
 import torch
 
-from latentdiff.config import ConfigError, validate_train_config
 from latentdiff.ema import EMA
+from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
 from latentdiff.module import compile_regions
 from latentdiff.training import build_module, run_training
+from latentdiff.validation import validate_train_config
 
 from .conftest import TINY_RUN
 

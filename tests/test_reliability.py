@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from latentdiff.checkpoint import AtomicCheckpointIO, latest_checkpoint, load_checkpoint
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 
 from .faults import weights
 

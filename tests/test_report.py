@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 from latentdiff.flops import config_cost
 from latentdiff.report import main as report_main
 from latentdiff.report import write_report

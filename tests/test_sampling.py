@@ -252,7 +252,7 @@ def test_model_pretrained_loads_weights_files_and_sets_the_official_offset(compo
 
 
 def test_training_refuses_a_sampler_that_cannot_follow_the_objective_before_it_starts(compose_cfg):
-    from latentdiff.config import ConfigError
+    from latentdiff.errors import ConfigError
 
     for overrides, message in (
         (["diffusion=zero_snr", "sampler=heun"], "HeunDiscreteScheduler cannot follow the zero-terminal-SNR schedule"),

@@ -16,10 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from latentdiff.autoencoder import FrozenVQModel, same_encoder
-from latentdiff.config import ConfigError
 from latentdiff.data import LatentStore, render_shapes
 from latentdiff.data.latents import LatentDataset
 from latentdiff.ema import EMA
+from latentdiff.errors import ConfigError
 from latentdiff.evaluation import run_evaluation
 from latentdiff.export import export, load_exported
 from latentdiff.extract import run_extraction

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
 from latentdiff.training import build_module, run_training
 

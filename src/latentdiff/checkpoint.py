@@ -7,20 +7,23 @@
 - `latest_checkpoint(run_dir)`: the checkpoint of a run directory with the highest optimizer step
   (`last.ckpt`, `step_*.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`).
 - `check_resumable(stored, cfg)`: resuming another backbone or data shape is an error naming the key.
-- `run_dir(base, resume)`: the run directory (the `ld.run_dir` resolver of `conf/hydra/default.yaml`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from datetime import datetime
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError, DiskFullError, disk_full_message
 
 CHECKPOINT_PATTERNS = ("last.ckpt", "step_*.ckpt", "hpc_ckpt_*.ckpt", "preempted.ckpt")
 
@@ -37,16 +40,27 @@ RESUME_KEYS = (
 
 
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
-    """`torch.save` into `.<name>.tmp-<pid>` next to `path`, fsync, rename over `path`, fsync the folder."""
+    """`torch.save` into `.<name>.tmp-<pid>` next to `path`, fsync, rename over `path`, fsync the folder.
+
+    The zip records get their CRC-32 (torch's default, set here explicitly), which `verify_checkpoint` checks.
+
+    Raises:
+        DiskFullError: the device is full; the temporary file is removed and an older `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with _crc32_on(), open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        kept = f"{path} is the previous checkpoint, intact" if path.exists() else "nothing was written"
+        raise DiskFullError(errno.ENOSPC, disk_full_message(err, path, _payload_bytes(payload), kept)) from None
     finally:
         tmp.unlink(missing_ok=True)
     try:
@@ -61,43 +75,134 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
         os.close(fd)
 
 
-def read_torch_file(path: str | Path, key: str = "ckpt_path", mmap: bool = False, map_location: Any = "cpu") -> Any:
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    before = get_crc32_options()
+    set_crc32_options(True)
+    try:
+        yield
+    finally:
+        set_crc32_options(before)
+
+
+def _payload_bytes(payload: Any) -> int:
+    """The bytes of the tensors in a checkpoint payload (what its file needs, give or take the metadata)."""
+    if torch.is_tensor(payload):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(_payload_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(_payload_bytes(v) for v in payload)
+    return 0
+
+
+def read_torch_file(
+    path: str | Path,
+    key: str = "ckpt_path",
+    mmap: bool = False,
+    map_location: Any = "cpu",
+    what: str = "checkpoint",
+    verify: bool = True,
+) -> Any:
     """`torch.load(path, weights_only=True)` with a one-line error for a missing, truncated or foreign file.
+
+    Args:
+        what: the kind of file, for the message ("checkpoint", "torch weights file").
+        verify: also check the CRC-32 of every record of the file (`verify_checkpoint`: a bit flip inside a
+            tensor loads without an error otherwise); False for cheap reads of a step or a config.
 
     Raises:
         ConfigError: naming `key` and the file.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{key}={path} does not exist")
+        raise ConfigError(f"{key}={path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as err:
             if not (mmap and "mmap can only be used" in str(err)):
                 raise
-            return torch.load(path, map_location=map_location, weights_only=True)  # a legacy (non-zip) file
+            payload = torch.load(path, map_location=map_location, weights_only=True)  # a legacy (non-zip) file
     except Exception as err:  # truncated zip, foreign pickle, objects weights_only refuses
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+            raise ConfigError(
+                f"{key}={path} was refused: it holds pickled objects other than tensors and plain values, which "
+                "could run code (read with weights_only=True); use a file written by torch.save of tensors"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.split(". ")[0].rstrip(".")[:160]  # torch's zip errors go on about miniz internals
         raise ConfigError(
-            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: {first})"
+            f"{key}={path} is not a readable {what} (truncated, corrupt or not a torch file: {first})"
         ) from None
+    if verify:
+        verify_checkpoint(path, key)
+    return payload
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False) -> dict[str, Any]:
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def verify_checkpoint(path: str | Path, key: str = "ckpt") -> int:
+    """Check the CRC-32 that `torch.save` records for every record of a zip-format torch file.
+
+    torch's reader does not check them, so a flipped bit inside a tensor loads silently; this reads the whole
+    file once (about 2 GB/s here). A legacy (non-zip) torch file records no checksum and is not checked.
+
+    Returns:
+        The bytes checked (0 for a legacy file).
+
+    Raises:
+        ConfigError: a record whose content does not match its CRC, or a damaged zip directory; naming the file,
+            the record, and the run's other checkpoints to continue from.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            return 0
+    size = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # written without checksums (torch's crc32 option off)
+                    continue
+                with archive.open(info) as member:
+                    while block := member.read(1 << 24):
+                        size += len(block)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        others = [p.name for p in checkpoints(path.parent) if p.resolve() != path.resolve()]
+        alternative = f"; the run's other checkpoints: {', '.join(others)}" if others else ""
+        raise ConfigError(
+            f"{key}={path} is corrupt ({str(err).strip() or type(err).__name__}: its content changed after it was "
+            f"written, e.g. a bit flip on disk or a damaged copy); use an intact copy{alternative}"
+        ) from None
+    return size
+
+
+def load_checkpoint(
+    path: str | Path, key: str = "ckpt_path", mmap: bool = False, verify: bool = True
+) -> dict[str, Any]:
     """A latentdiff training checkpoint, read with `weights_only=True`.
 
     Args:
         path: the file.
         key: the config key that named it (for the error message).
         mmap: memory-map the tensors (cheap reads of the step and config of a large file).
+        verify: check the file's CRC-32s (`verify_checkpoint`).
 
     Raises:
         ConfigError: missing, unreadable (truncated, corrupt, not a checkpoint), or not written by latentdiff.
     """
-    ckpt = read_torch_file(path, key, mmap)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "latentdiff" not in ckpt:
+    ckpt = read_torch_file(path, key, mmap, verify=verify)
+    record = ckpt.get("latentdiff") if isinstance(ckpt, dict) else None
+    if (
+        not isinstance(ckpt, dict)
+        or not isinstance(ckpt.get("state_dict"), dict)
+        or not isinstance(record, dict)
+        or not isinstance(record.get("config"), dict)
+    ):
         raise ConfigError(
             f"{key}={path} is not a latentdiff training checkpoint (no run config inside); "
             "for a plain weights file use model=<preset> model.pretrained=<file>"
@@ -114,14 +219,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        # any file Lightning reads through the plugin (ddp_spawn also passes plain weights this way)
-        return read_torch_file(path, map_location=map_location or "cpu")
+        # any file Lightning reads through the plugin (ddp_spawn also passes plain weights this way);
+        # `run_training` verified the file it resumes from when it read its config
+        return read_torch_file(path, map_location=map_location or "cpu", verify=False)
 
 
 def checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint was written at (-1 when it cannot be read)."""
+    """The optimizer step a checkpoint was written at (-1 when it cannot be read); the file is not verified."""
     try:
-        return int(load_checkpoint(path, mmap=True).get("global_step", -1))
+        return int(load_checkpoint(path, mmap=True, verify=False).get("global_step", -1))
     except ConfigError:
         return -1
 
@@ -137,50 +243,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     steps = [(checkpoint_step(p), p.stat().st_mtime, p) for p in checkpoints(run_dir)]
     steps = [s for s in steps if s[0] >= 0]
     return max(steps)[2] if steps else None
-
-
-def run_dir(base: str, resume: Any) -> str:
-    """The run directory for `hydra.run.dir`.
-
-    Args:
-        base: `<log_dir>/<name>`.
-        resume: null (a new `<base>/<date>_<time>`), "auto" (the newest run under `base` holding a checkpoint,
-            else a new one), or a run directory.
-    """
-    if no_resume(resume):
-        return _new_run_dir(base)
-    if str(resume) == "auto":
-        runs = [p for p in Path(base).glob("*") if p.is_dir() and latest_checkpoint(p) is not None]
-        if runs:
-            return str(max(runs, key=lambda p: (max(c.stat().st_mtime for c in checkpoints(p)), p.name)))
-        return _new_run_dir(base)
-    return str(Path(resume).expanduser().resolve())
-
-
-# run directories this process chose as new ones: only those may be removed after an error
-NEW_RUN_DIRS: set[str] = set()
-
-
-def _new_run_dir(base: str) -> str:
-    path = f"{base}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
-    if not Path(path).exists():
-        NEW_RUN_DIRS.add(os.path.abspath(path))
-    return path
-
-
-def no_resume(resume: Any) -> bool:
-    """Whether a `resume` value means "start a new run" (null, false, empty)."""
-    return resume is None or resume is False or str(resume) in ("", "null", "None", "false", "False")
-
-
-def hydra_subdir(run: str) -> str:
-    """Hydra's record folder in a run directory: `.hydra` in a new one, `.hydra/resume_<time>` in one that
-    already holds a run or a record (the first launch's record is never overwritten)."""
-    run_dir = Path(run)
-    markers = (".hydra", "config.yaml", "metrics.csv", "last.ckpt")  # not train.log: Hydra opens it first
-    if any((run_dir / m).exists() for m in markers) or any(run_dir.glob("*.ckpt")):
-        return f".hydra/resume_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
-    return ".hydra"
 
 
 # model keys that do not change the parameters (starting weights, gradient checkpointing)

@@ -3,37 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentdiff.config import ConfigError, check_group_choices, register_resolvers
+from omegaconf import DictConfig, OmegaConf
+
+from latentdiff.config import check_group_choices, register_resolvers
+from latentdiff.errors import ConfigError, DiskFullError, NothingToDo, disk_full_message, one_line, shorten
 
 # the repository's conf/ (the package is installed from the repository, editable)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# what Hydra itself writes into a new run directory before the task starts
-_HYDRA_FILES = {".hydra"}
-
-
-def _remove_if_untouched(run_dir: Path) -> None:
-    """Delete a run directory this process chose as a new one (`ld.run_dir`) if it holds nothing but what
-    Hydra wrote at start-up (.hydra, *.log). A directory that existed before is never removed."""
-    from latentdiff.checkpoint import NEW_RUN_DIRS
-
-    if not run_dir.is_dir() or os.path.abspath(run_dir) not in NEW_RUN_DIRS:
-        return
-    if all(p.name in _HYDRA_FILES or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _undo_hydra_writes(run_dir: Path, subdir: str | None) -> None:
     """After an error: remove what Hydra wrote into a run directory at start-up, so that a directory that
     held a run before is left exactly as it was (a `.hydra/resume_*` record, an empty new train.log)."""
-    from latentdiff.checkpoint import NEW_RUN_DIRS
+    from latentdiff.rundir import NEW_RUN_DIRS
 
     if subdir == ".hydra" and os.path.abspath(run_dir) not in NEW_RUN_DIRS:
         shutil.rmtree(run_dir / subdir, ignore_errors=True)  # a directory we did not create had no record
@@ -50,8 +41,8 @@ _SWEEP_MARKS = ("glob(", "range(", "choice(", "interval(", "tag(", "sort(", "shu
 
 
 def plain_entry(run: Callable[[list[str]], Any], argv: list[str] | None, doc: str | None) -> Any:
-    """A `key=value` command without Hydra (`latentdiff.flops`, `latentdiff.report`): `--help` prints `doc`;
-    a `ConfigError` is one line on stderr and exit status 2 (LATENTDIFF_DEBUG=1: the traceback)."""
+    """A `key=value` command without Hydra (`latentdiff.flops`, `latentdiff.report`, `latentdiff.verify`): `--help`
+    prints `doc`; a `ConfigError` is one line on stderr and exit status 2 (LATENTDIFF_DEBUG=1: the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(doc)
@@ -61,37 +52,71 @@ def plain_entry(run: Callable[[list[str]], Any], argv: list[str] | None, doc: st
     except ConfigError as err:
         if os.environ.get("LATENTDIFF_DEBUG") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
 
 
-def check_overrides(args: list[str], config_dir: Path, config_name: str) -> None:
+def check_overrides(args: list[str], config_dir: Path, config_name: str) -> DictConfig | None:
     """Compose the config once before Hydra runs, so that an override Hydra rejects (a misspelt key, a bad
     value type) is one line naming it instead of Hydra's multi-line report. Sweeps (`-m`) are left to Hydra.
 
+    Returns:
+        The composed config (with its `hydra` node, unresolved), or None for a sweep or a Hydra flag.
+
     Raises:
-        ConfigError: the first line(s) of Hydra's message, joined.
+        ConfigError: the first line(s) of Hydra's message; for a key that is not in the config, the known key
+            that was meant ("did you mean trainer.max_steps?").
     """
     if any(a.startswith(("-", "hydra.mode=", "sweep=")) for a in args):  # flags, sweeps: Hydra's
-        return
+        return None
     overrides = [a for a in args if "=" in a or a.startswith("~")]
     if any(any(mark in a for mark in _SWEEP_MARKS) for a in overrides):
-        return
+        return None
+    try:
+        return _compose(config_dir, config_name, overrides)
+    except Exception as err:  # Hydra's override and composition errors
+        if "Ambiguous value for argument" in str(err):  # a comma list: a sweep if the config is a multirun
+            return None
+        unknown = re.search(r"Could not override '([^']+)'", str(err))
+        if unknown:
+            raise _unknown_key(unknown.group(1), overrides, config_dir, config_name) from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
+        raise ConfigError(one_line("; ".join(lines[:3]) or type(err).__name__)) from None
+
+
+def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    except Exception as err:  # Hydra's override and composition errors
-        if "Ambiguous value for argument" in str(err):  # a comma list: a sweep if the config is a multirun
-            return
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
-        raise ConfigError("; ".join(lines[:3]) or type(err).__name__) from None
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _unknown_key(key: str, overrides: list[str], config_dir: Path, config_name: str) -> ConfigError:
+    """The error for `key=value` where the config has no `key`: the key meant, or how to add a new one."""
+    from omegaconf import OmegaConf
+
+    from latentdiff.validation import suggest
+
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        values = OmegaConf.to_container(_compose(config_dir, config_name, rest), resolve=False)
+        values.pop("hydra", None)
+        meant = suggest(key, values)
+    except Exception:  # another override is wrong too: it is reported once this one is fixed
+        meant = None
+    shown = f"{key}={shorten(value)}"
+    if meant == key:  # an argument the config does not list: Hydra's + adds it
+        return ConfigError(f"{shown}: {key} is not set in the config; add it with +{key}={shorten(value)}")
+    if meant:
+        return ConfigError(f"{shown} is not a key of the config; did you mean {meant}?")
+    return ConfigError(f"{shown} is not a key of the config (a new key is added with +{key}=...)")
 
 
 def hydra_entry(
@@ -100,17 +125,24 @@ def hydra_entry(
     config_name: str,
     cleanup_run_dir: bool = True,
     pass_overrides: bool = False,
+    precheck: Callable[[DictConfig, list[str]], None] | None = None,
 ) -> None:
     """Run `run(cfg)` under `@hydra.main`, with one-line errors for configuration mistakes.
 
     With `pass_overrides`, `run(cfg, overrides)` also gets the command-line overrides (`key=value` strings).
+    `precheck(cfg, args)` runs on the config composed before Hydra starts (nothing made yet: train.py checks
+    where its run directory would go there, since Hydra creates it before the task runs).
 
-    A `ConfigError` prints `error: <message>` on stderr, removes the run directory if nothing but Hydra's
-    start-up files are in it (when `cleanup_run_dir`), and exits with status 2. Set LATENTDIFF_DEBUG=1 to get
-    the traceback.
+    What is printed (one line on stderr; LATENTDIFF_DEBUG=1 raises instead, with the traceback):
+    - `ConfigError`, or an OmegaConf error: `error: <message>`, exit status 2; with `cleanup_run_dir`, a run
+      directory this process created is removed unless it holds a checkpoint, and Hydra's records are undone;
+    - `NonFiniteError`: exit status 3 (the run's checkpoints hold its last good state);
+    - `DiskFullError` or any write that ran out of space: exit status 4, cleaned up as a `ConfigError`;
+    - `NothingToDo`: the message without `error:`, Hydra's records undone, exit status 0.
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     from latentdiff.distributed import install_hydra_launch
     from latentdiff.module import NonFiniteError
@@ -120,10 +152,35 @@ def hydra_entry(
     debug = os.environ.get("LATENTDIFF_DEBUG") == "1"
     try:
         check_group_choices(sys.argv[1:], config_dir)
-        check_overrides(sys.argv[1:], config_dir, config_name)
+        composed = check_overrides(sys.argv[1:], config_dir, config_name)
+        if composed is not None:
+            from latentdiff.validation import check_missing
+
+            values = OmegaConf.to_container(composed, resolve=False)
+            values.pop("hydra", None)
+            check_missing(values, config_name)
+            if precheck is not None:
+                precheck(composed, sys.argv[1:])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
+
+    def cleanup() -> None:
+        from latentdiff.checkpoint import checkpoints
+        from latentdiff.rundir import remove_new_run_dir
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        _undo_hydra_writes(run_dir, hydra_cfg.output_subdir)
+        if cleanup_run_dir:
+            remove_new_run_dir(run_dir, keep_if=lambda r: bool(checkpoints(r)))
+
+    def fail(message: str, code: int) -> None:
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        cleanup()
+        sys.exit(code)
 
     @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
     def main(cfg):
@@ -131,20 +188,22 @@ def hydra_entry(
             if pass_overrides:
                 return run(cfg, list(HydraConfig.get().overrides.task))
             return run(cfg)
-        except ConfigError as err:
+        except NothingToDo as err:
+            print(one_line(str(err)), file=sys.stderr)
+            cleanup()
+            return None
+        except (ConfigError, OmegaConfBaseException) as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
-            hydra_cfg = HydraConfig.get()
-            run_dir = Path(hydra_cfg.runtime.output_dir)
-            _undo_hydra_writes(run_dir, hydra_cfg.output_subdir)
-            if cleanup_run_dir:
-                _remove_if_untouched(run_dir)
-            sys.exit(2)
-        except NonFiniteError as err:  # the run's checkpoints hold its last good state
+            fail(str(err), 2)
+        except NonFiniteError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(3)
+        except OSError as err:
+            if debug or not (isinstance(err, DiskFullError) or err.errno == errno.ENOSPC):
+                raise
+            fail(str(err) if isinstance(err, DiskFullError) else disk_full_message(err), 4)
 
     main()

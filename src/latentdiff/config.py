@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from latentdiff.errors import ConfigError
+
 
 def _with_null(num_classes: int) -> int:
     """Embedding rows for a class-conditional backbone: the classes plus one null class for CFG.
@@ -42,15 +44,11 @@ def register_resolvers() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     # the run directory is decided once per process (it reads the clock and the disk)
-    from latentdiff.checkpoint import hydra_subdir, run_dir
+    from latentdiff.rundir import hydra_subdir, run_dir
 
     for name, fn in (("ld.run_dir", run_dir), ("ld.hydra_subdir", hydra_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
-
-
-class ConfigError(ValueError):
-    """A mistake in the run's configuration or inputs; the message is one line a user can act on."""
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
@@ -75,15 +73,6 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         for option in value.split(","):
             if option and option not in options:
                 raise ConfigError(f"{key}={option} is not a known option of '{key}'; use one of: {', '.join(options)}")
-
-
-def _number(cfg: DictConfig, key: str) -> float | None:
-    value = OmegaConf.select(cfg, key, default=None)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}={value!r} must be a number")
-    return value
 
 
 DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"  # conf/sampler/ of Gaussian/flow
@@ -122,57 +111,3 @@ def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") 
         allowed = "flow_euler or flow_heun" if flow_objective else "ddpm, ddim, dpm_solver, euler or heun"
         kind = "flow-matching" if flow_objective else "Gaussian-diffusion"
         raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
-
-
-def validate_train_config(cfg: DictConfig) -> None:
-    """Checks that need no built object, run before any work so a mistake costs nothing.
-
-    Raises:
-        ConfigError: naming the key, the value and what is allowed.
-    """
-    checks = [
-        ("optim.lr", lambda v: v > 0, "must be > 0 (e.g. 2e-4)"),
-        ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
-        ("optim.warmup_steps", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
-        (
-            "module.p_uncond",
-            lambda v: 0 <= v < 1,
-            "is outside [0, 1); use e.g. 0.1 (U-ViT, DiT) or 0 for no CFG",
-        ),
-        ("module.ema.decay", lambda v: 0 <= v < 1, "must be in [0, 1) (e.g. 0.9999)"),
-        ("data.batch_size", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
-        ("data.num_workers", lambda v: v >= 0 and v == int(v), "must be an integer >= 0"),
-        (
-            "trainer.max_steps",
-            lambda v: v == -1 or (v >= 1 and v == int(v)),
-            "must be a positive integer (or -1)",
-        ),
-        ("trainer.accumulate_grad_batches", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
-        ("trainer.gradient_clip_val", lambda v: v >= 0, "must be >= 0 (0 or null disables clipping)"),
-        ("sampler.steps", lambda v: v >= 1 and v == int(v), "must be a positive integer"),
-    ]
-    for key, ok, allowed in checks:
-        value = _number(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{key}={value} {allowed}")
-    check_sampler_fits(cfg)
-    precision = OmegaConf.select(cfg, "trainer.precision", default=None)
-    allowed_precision = (
-        "32-true",
-        "32",
-        "bf16-mixed",
-        "16-mixed",
-        "bf16-true",
-        "16-true",
-        "64-true",
-        "transformer-engine",
-    )
-    if precision is not None and str(precision) not in allowed_precision:
-        raise ConfigError(f"trainer.precision={precision} is not supported; use one of {', '.join(allowed_precision)}")
-    fused = OmegaConf.select(cfg, "optim.optimizer.fused", default=None)
-    if str(precision) == "16-mixed" and fused and _number(cfg, "trainer.gradient_clip_val"):
-        raise ConfigError(
-            "trainer.precision=16-mixed with optim.optimizer.fused=true cannot clip gradients (the fused step "
-            "unscales them itself); use trainer.precision=bf16-mixed, optim.optimizer.fused=false, "
-            "or trainer.gradient_clip_val=null"
-        )

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 
 
 def per_rank_batch(global_batch: int, world_size: int, accumulate: int = 1) -> int:

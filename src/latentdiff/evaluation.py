@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentdiff.config import ConfigError
 from latentdiff.data.store import write_json_atomic
+from latentdiff.errors import ConfigError, user_errors
 from latentdiff.metrics import METRICS, Inception, compute_metrics, load_reference, open_images, write_statistics
-from latentdiff.training import user_errors
 from latentdiff.utils import framework_versions
+from latentdiff.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def _device(name: str) -> torch.device:
 
 
 def _validate(cfg: DictConfig) -> list[str]:
+    check_config(cfg, "evaluate", groups=False)
     metrics = list(cfg.metrics) if cfg.metrics is not None else []
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -41,11 +42,9 @@ def _validate(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"metrics=[] and no write_stats: nothing to do; use any of {', '.join(METRICS)}")
     if cfg.get("reference") is None and any(m in metrics for m in ("fid", "kid", "prc")):
         raise ConfigError(f"metrics={metrics} need reference=<statistics npz, images npz or folder>")
-    n = cfg.get("num_samples")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-        raise ConfigError(f"num_samples={n} must be an integer >= 2 (or null: all samples)")
-    if int(cfg.batch_size) < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    for key in ("out", "write_stats"):
+        if cfg.get(key) and Path(cfg[key]).is_dir():
+            raise ConfigError(f"{key}={cfg[key]} is a folder; {key} takes a file path")
     return metrics
 
 

@@ -21,15 +21,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 
 from latentdiff.checkpoint import load_checkpoint
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError, user_errors
 from latentdiff.models import build_backbone, load_pretrained
+from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
+from latentdiff.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,14 @@ def backbone_folder(backbone: nn.Module) -> str:
     return "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
 
 
-def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True) -> tuple[nn.Module, dict, str]:
+def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True, where: str = "ckpt") -> tuple[nn.Module, dict, str]:
     """The backbone of a training checkpoint with its weights; its model config; "ema" or "raw"."""
     config = ckpt["latentdiff"]["config"]
+    check_stored(config, where)  # the whole stored config is copied into the export: nothing in it names code
+    if not isinstance(config.get("model"), dict):
+        raise ConfigError(f"{where}: the stored config has no model; it is not a latentdiff training checkpoint")
     model_cfg = dict(config["model"], pretrained=None)
-    backbone = build_backbone(OmegaConf.create(model_cfg))
+    backbone = build_backbone(model_cfg, where)
     state = ckpt["state_dict"]
     has_ema = any(k.startswith("ema.model.") for k in state)
     if use_ema and not has_ema:
@@ -66,7 +70,8 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out={out} exists and is not empty; choose a new folder")
     ckpt = load_checkpoint(ckpt_path, "ckpt")
-    backbone, model_cfg, weights = checkpoint_backbone(ckpt, use_ema)
+    where = f"ckpt={ckpt_path}"
+    backbone, model_cfg, weights = checkpoint_backbone(ckpt, use_ema, where)
     config = ckpt["latentdiff"]["config"]
     record = {
         "_class_name": "LatentdiffPipeline",
@@ -104,7 +109,7 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
         record[folder] = ["latentdiff.models.uvit", type(backbone).__name__]
     diffusion = config.get("diffusion") or {}
     if diffusion.get("scheduler"):
-        scheduler = instantiate(OmegaConf.create(diffusion["scheduler"]))
+        scheduler = build(diffusion["scheduler"], where, "diffusion.scheduler")
         scheduler.save_pretrained(tmp / "scheduler")
         record["scheduler"] = ["diffusers", type(scheduler).__name__]
     (tmp / INDEX).write_text(json.dumps(record, indent=2))
@@ -122,7 +127,8 @@ def load_exported(path: str | Path) -> nn.Module:
         index = path / INDEX
         if not index.is_file():
             raise ConfigError(f"{path} holds no {INDEX}; export a checkpoint with `python -m latentdiff.export`")
-        model_cfg = json.loads(index.read_text())["_latentdiff"]["config"]["model"]
+        where = f"{path}/{INDEX}"
+        model_cfg = _stored_model(lambda: json.loads(index.read_text())["_latentdiff"]["config"]["model"], where)
     else:
         from safetensors import safe_open
 
@@ -132,14 +138,32 @@ def load_exported(path: str | Path) -> nn.Module:
             raise ConfigError(
                 f"{path} has no latentdiff model config in its metadata; build the model and use model.pretrained"
             )
-        model_cfg = json.loads(meta["latentdiff_model"])
-    backbone = build_backbone(OmegaConf.create(dict(model_cfg, pretrained=None)))
+        where = f"{path} (metadata)"
+        model_cfg = _stored_model(lambda: json.loads(meta["latentdiff_model"]), where)
+    backbone = build_backbone(dict(model_cfg, pretrained=None), where)
     load_pretrained(backbone, path)
     return backbone.eval()
 
 
+def _stored_model(read: Any, where: str) -> dict:
+    """The model config of an export, read by `read()`; a file that holds none is a one-line error."""
+    try:
+        model_cfg = read()
+    except (KeyError, TypeError, ValueError):
+        model_cfg = None
+    if not isinstance(model_cfg, dict):
+        raise ConfigError(
+            f"{where} holds no latentdiff model config; export a checkpoint with `python -m latentdiff.export`"
+        )
+    return model_cfg
+
+
 def run_export(cfg: DictConfig) -> dict[str, Any]:
-    return export(cfg.ckpt, cfg.out, bool(cfg.use_ema))
+    with user_errors():
+        check_config(cfg, "export", groups=False)
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise ConfigError(f"out={cfg.out} is a file; out takes a new folder")
+        return export(cfg.ckpt, cfg.out, bool(cfg.use_ema))
 
 
 def main() -> None:

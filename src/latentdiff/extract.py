@@ -33,18 +33,21 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from latentdiff.autoencoder import is_tokenizer
-from latentdiff.config import ConfigError
 from latentdiff.data.store import (
     FORMAT,
     VERSION,
     StoreError,
     check_shard,
+    check_store_records,
+    read_store_meta,
+    sha256_file,
     shard_name,
     write_json_atomic,
     write_shard,
 )
-from latentdiff.training import user_errors
+from latentdiff.errors import ConfigError, user_errors
 from latentdiff.utils import framework_versions
+from latentdiff.validation import check_config
 
 log = logging.getLogger(__name__)
 _SKIPPED_LISTED = 20  # unreadable files named in store.json (all are in the shards' index.json)
@@ -102,12 +105,23 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> bool:
     return False
 
 
-def _shard_complete(out: Path, index: int) -> bool:
+def _store_records_hold(out: Path) -> bool:
+    """Whether store.json's checksums (of the shard indexes and empty_text.npy) still match the files."""
+    try:
+        check_store_records(out, read_store_meta(out, "out"))
+    except StoreError as err:
+        log.warning("%s; finishing the store again", err)
+        return False
+    return True
+
+
+def _shard_complete(out: Path, index: int, verify: bool = False) -> bool:
+    """Whether shard `index` is on disk, whole (shapes), and with `verify`, unchanged since it was written."""
     path = out / "shards" / shard_name(index)
     if not path.is_dir():
         return False
     try:
-        check_shard(path)
+        check_shard(path, verify=verify)
     except StoreError as err:
         log.warning("shard %s is damaged (%s); extracting it again", shard_name(index), err)
         return False
@@ -213,6 +227,11 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
         tmp = out / f".empty_text.tmp-{os.getpid()}.npy"
         np.save(tmp, empty)
         os.replace(tmp, out / "empty_text.npy")
+    # checksums of what the shards' own records do not cover (`python -m latentdiff.verify` checks them all)
+    shards = out / "shards"
+    meta["sha256"] = {shard_name(k): sha256_file(shards / shard_name(k) / "index.json") for k in range(num_shards)}
+    if text_encoder is not None:
+        meta["sha256"]["empty_text.npy"] = sha256_file(out / "empty_text.npy")
     write_json_atomic(out / "store.json", meta)
     return meta
 
@@ -225,13 +244,9 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
     """
     rank, world, local_rank = dist_env()
     with user_errors():
-        if not cfg.get("out"):
+        if not cfg.get("out") or cfg.out == "???":
             raise ConfigError("out=??? is missing; set out=<folder of the new latent store>")
-        for key in ("shard_size", "batch_size", "text_batch_size"):
-            if int(cfg[key]) < 1:
-                raise ConfigError(f"{key}={cfg[key]} must be >= 1")
-        if int(cfg.num_workers) < 0:
-            raise ConfigError(f"num_workers={cfg.num_workers} must be >= 0")
+        check_config(cfg, "extract")
         source = instantiate(cfg.data)
         if not hasattr(source, "describe"):
             raise ConfigError(
@@ -270,14 +285,17 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
         complete = _prepare_out(out, plan)
 
     num_shards = math.ceil(len(source) / cfg.shard_size)
-    if complete:
-        if all(_shard_complete(out, k) for k in range(num_shards)):
-            log.info("%s is already a complete store; nothing to do", out)
-            return json.loads((out / "store.json").read_text())
-        if rank == 0:  # damaged shards: the store is incomplete until they are encoded again
-            (out / "store.json").unlink(missing_ok=True)
     mine = [k for k in range(num_shards) if k % world == rank]
-    todo = [k for k in mine if not _shard_complete(out, k)]
+    if complete:  # a re-run verifies every checksum; a damaged shard is encoded again
+        log.info("%s is a complete store: verifying the checksums of %d shards", out, len(mine))
+        todo = [k for k in mine if not _shard_complete(out, k, verify=True)]
+        records = _store_records_hold(out)
+        if not todo and records:
+            log.info("%s is a complete store and every checksum matches; nothing to do", out)
+            return json.loads((out / "store.json").read_text())
+        (out / "store.json").unlink(missing_ok=True)  # incomplete until the damaged parts are written again
+    else:
+        todo = [k for k in mine if not _shard_complete(out, k)]
     total = sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(source)))) for k in todo)
     log.info(
         "rank %d/%d: %d of %d shards to encode (%d images) on %s", rank, world, len(todo), len(mine), total, device

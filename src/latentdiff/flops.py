@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 
 # The text length a text-conditional UNet is counted with when the config names none (CLIP's 77 tokens).
 DEFAULT_TEXT_LEN = 77
@@ -222,7 +222,7 @@ def _config_errors() -> Iterator[None]:
     """Errors of a config that cannot be built or run, as one-line `ConfigError`s (also OmegaConf's)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from latentdiff.training import user_errors
+    from latentdiff.errors import user_errors
 
     try:
         with user_errors():

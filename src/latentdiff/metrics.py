@@ -13,6 +13,7 @@ Inception weights: torch-fidelity's release file, downloaded once into torch's h
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -28,6 +29,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
+
+from latentdiff.errors import ConfigError
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's default layers for these metrics
@@ -67,6 +70,28 @@ def inception_weights_file(weights: str | None, key: str = "inception_weights") 
     return path
 
 
+def _safe_weights(path: Path) -> io.BytesIO:
+    """The Inception state dict of `path`, read with `weights_only=True`, as an in-memory torch file.
+
+    torch-fidelity reads its weights with `torch.load(..., weights_only=False)`, which runs whatever a crafted
+    pickle asks for; it is given this buffer instead, which holds only the tensors we read safely.
+
+    Raises:
+        ConfigError: the file cannot be read safely, or holds no state dict of tensors.
+    """
+    from latentdiff.checkpoint import read_torch_file
+
+    state = read_torch_file(path, "inception_weights", what="torch weights file")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(
+            f"inception_weights={path} holds no state dict of tensors; use torch-fidelity's {URL_INCEPTION_V3}"
+        )
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    buffer.seek(0)
+    return buffer
+
+
 class Inception:
     """torch-fidelity's Inception-v3 feature extractor (pool3 2048-d features and unbiased logits).
 
@@ -87,7 +112,7 @@ class Inception:
                 FEATURE_EXTRACTOR,
                 [FID_LAYER, ISC_LAYER],
                 cuda=self.device.type == "cuda",
-                feature_extractor_weights_path=str(self.weights_file),
+                feature_extractor_weights_path=_safe_weights(self.weights_file),
                 verbose=False,
             )
         except RuntimeError as err:  # a state dict of another network

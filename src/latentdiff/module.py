@@ -222,7 +222,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         """`trainer.gradient_clip_val`, reusing the gradient norm of `on_before_optimizer_step` (one pass over the
         gradients instead of two, no sync), and allowed with fused optimizers (Lightning refuses those because
-        under fp16 they unscale internally; `validate_train_config` refuses that combination)."""
+        under fp16 they unscale internally; `latentdiff.validation.validate_train_config` refuses that combination)."""
         if not gradient_clip_val:
             return
         params = [p for p in self.backbone.parameters() if p.grad is not None]

@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from latentdiff.config import ConfigError
+from latentdiff.errors import ConfigError
 
 _REPORT_FILES = {
     "report.md",

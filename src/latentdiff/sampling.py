@@ -24,20 +24,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from latentdiff.checkpoint import load_checkpoint
-from latentdiff.config import ConfigError, check_sampler_fits
+from latentdiff.config import check_sampler_fits
 from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
+from latentdiff.errors import ConfigError, shorten, user_errors
 from latentdiff.extract import dist_env
 from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
-from latentdiff.training import user_errors
+from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
+from latentdiff.validation import check_config, check_targets, check_values, plain
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def run_config(cfg: DictConfig, overrides: list[str], stored: dict | None) -> Di
     if stored is None:
         run = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in RUN_GROUPS})
     else:
+        check_stored(stored, f"ckpt={cfg.ckpt}")  # before OmegaConf sees it: no code, no interpolation
         run = OmegaConf.create({g: stored.get(g) for g in RUN_GROUPS})
         if run.model is not None:
             run.model.pretrained = None  # the checkpoint holds the weights
@@ -74,28 +76,30 @@ def run_config(cfg: DictConfig, overrides: list[str], stored: dict | None) -> Di
 
 
 def _validate(cfg: DictConfig, run: DictConfig) -> None:
-    for key in ("num_samples", "batch_size"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed} must be an integer >= 0")
-    if str(cfg.precision) not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision} is not supported; use one of {', '.join(PRECISIONS)}")
-    steps = run.sampler.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"sampler.steps={steps} must be a positive integer")
-    if float(run.sampler.guidance_scale) < 0:
-        raise ConfigError(f"guidance_scale={run.sampler.guidance_scale} must be >= 0 (1 = no guidance)")
-    if str(cfg.devices) != "auto" and (not str(cfg.devices).isdigit() or int(cfg.devices) < 1):
-        raise ConfigError(f"devices={cfg.devices} must be auto or a positive integer")
+    """The run config (the checkpoint's, with the command line's changes): values, objects, and its image size."""
+    values = plain(run)
+    check_values(values)
+    check_targets(values)
     check_sampler_fits(run, sampler_key="sampler.scheduler")
+    data, vae = run.get("data") or {}, run.get("vae") or {}
+    size, grid, factor = data.get("image_size"), data.get("latent_size"), vae.get("downsample_factor")
+    if all(isinstance(v, int) for v in (size, grid, factor)) and size != grid * factor:
+        made = grid * factor
+        raise ConfigError(
+            f"data.image_size={size} does not match the model's {grid}x{grid} latent grid x {factor} = {made}px "
+            f"(data.latent_size, vae.downsample_factor); the backbone samples {made}px images: drop "
+            "data.image_size, or train a model at that size"
+        )
+    out = cfg.get("out")
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out={out} is a file; out takes a folder (new, or one holding these samples)")
 
 
 # -------------------------------------------------------------------------------------------- model
 def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.device) -> dict[str, Any]:
     """Backbone with its weights, autoencoder, objective, conditions; and the provenance of the weights."""
-    backbone = build_backbone(run.model)
+    where = f"ckpt={cfg.ckpt}" if ckpt is not None else "the sample config"
+    backbone = build_backbone(run.model, where)
     model_name = f"model={run.model._target_.rsplit('.', 1)[-1]} of this config"
     if ckpt is not None:
         state = ckpt["state_dict"]
@@ -119,8 +123,8 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
             )
         source = {"checkpoint": str(Path(run.model.pretrained).resolve()), "weights": "pretrained"}
     backbone.eval().requires_grad_(False).to(device)
-    autoencoder = instantiate(run.vae).to(device)
-    objective = instantiate(run.diffusion)
+    autoencoder = build(plain(run.vae), where, "vae").to(device)
+    objective = build(plain(run.diffusion), where, "diffusion")
     num_classes = int(run.module.num_classes)
     prompts, null_text = None, None
     if run.data.get("text"):
@@ -139,7 +143,7 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
         backbone,
         autoencoder,
         objective.scheduler,
-        instantiate(run.sampler.scheduler),
+        build(plain(run.sampler.scheduler), where, "sampler.scheduler"),
         run.sampler.steps,
         (run.data.latent_channels, run.data.latent_size, run.data.latent_size),
         lambda c: null_condition(c, num_classes, null_text),
@@ -192,23 +196,32 @@ def _default_out(cfg: DictConfig, run: DictConfig) -> Path:
 
 
 def _check_out(out: Path, spec: dict[str, Any]) -> None:
-    """Refuse a folder holding other samples (naming the first differing key), or anything else."""
+    """Refuse a folder holding other samples (naming each differing key with both values), or anything else."""
     meta = out / "samples.json"
     if meta.is_file():
-        old = json.loads(meta.read_text())
-        for key in sorted(set(old) | set(spec)):
-            if key not in _NOT_IDENTITY and old.get(key) != spec.get(key):
-                raise ConfigError(
-                    f"out={out} holds samples made differently ({key}: {_short(old.get(key))} there, "
-                    f"{_short(spec.get(key))} now); choose another out="
-                )
+        old, new = _flat(json.loads(meta.read_text())), _flat(spec)
+        keys = sorted(
+            k for k in set(old) | set(new) if k.split(".")[0] not in _NOT_IDENTITY and old.get(k) != new.get(k)
+        )
+        if keys:
+            shown = [f"{k}: {shorten(old.get(k), 40)} there, {shorten(new.get(k), 40)} now" for k in keys[:4]]
+            more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
+            raise ConfigError(
+                f"out={out} holds samples made differently: {'; '.join(shown)}{more}; choose another out= "
+                "or sample with the same settings"
+            )
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"out={out} is not empty and holds no samples.json; choose another out=")
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
+    """A JSON record as {dotted key: leaf value} (lists are leaves)."""
+    if not isinstance(record, dict):
+        return {prefix: record}
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -332,6 +345,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
     overrides = list(overrides or [])
     rank, world, local_rank = dist_env()
     with user_errors():
+        check_config(cfg, "sample", groups=False)
         ckpt = load_checkpoint(cfg.ckpt, "ckpt") if cfg.get("ckpt") else None
         run = run_config(cfg, overrides, ckpt["latentdiff"]["config"] if ckpt is not None else None)
         _validate(cfg, run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
@@ -11,25 +10,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from latentdiff.checkpoint import (
-    AtomicCheckpointIO,
-    check_resumable,
-    latest_checkpoint,
-    load_checkpoint,
-    no_resume,
-)
-from latentdiff.config import ConfigError, validate_train_config
+from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, checkpoints, latest_checkpoint, load_checkpoint
 from latentdiff.distributed import check_strategy, trainer_batch
+from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone
 from latentdiff.module import DiffusionModule
+from latentdiff.rundir import RunLock, no_resume, stopped_before_first_checkpoint
+from latentdiff.validation import validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +31,6 @@ log = logging.getLogger(__name__)
 _RUN_MARKERS = ("last.ckpt", "metrics.csv", "config.yaml")
 # what Lightning's DDP launcher writes into the launching process's environment
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn the errors of building objects from the config into one-line `ConfigError`s."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
-            raise ConfigError(str(cause).splitlines()[0] if str(cause) else repr(cause)) from cause
-        raise
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -94,7 +72,8 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
     """The checkpoint to continue from and the config key that chose it (None: a fresh start).
 
     - `ckpt_path=<file>`: that file (into a new run directory, or into the `resume` one).
-    - `resume=auto|<run dir>`: the run directory's latest checkpoint; `auto` starts fresh when there is none.
+    - `resume=auto|<run dir>`: the run directory's latest checkpoint; a run stopped before its first checkpoint
+      restarts from step 0 in its own directory (key "restart"); `auto` starts fresh when there is no run.
     - neither: a fresh run, which must not write into a directory that holds a run.
     """
     resume = None if no_resume(cfg.get("resume")) else cfg.get("resume")
@@ -110,17 +89,26 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
         _check_run_dir(run_dir)
         return None, ""
     found = latest_checkpoint(run_dir)
-    if found is None:
-        if resume == "spawned":
-            return None, ""
-        if str(resume) != "auto":
-            raise ConfigError(
-                f"resume={resume} holds no readable checkpoint (last.ckpt, step_*.ckpt); "
-                "use resume=auto, ckpt_path=<file>, or start a new run"
-            )
-        _check_run_dir(run_dir)
+    if found is not None:
+        return found, "resume"
+    if resume == "spawned":
         return None, ""
-    return found, "resume"
+    files = checkpoints(run_dir)
+    if files:
+        raise ConfigError(
+            f"resume={resume}: none of the checkpoints of {run_dir} is readable ({', '.join(f.name for f in files)}); "
+            "continue from a copy with ckpt_path=<file>, or start a new run"
+        )
+    if stopped_before_first_checkpoint(run_dir):
+        log.warning("resume=%s: %s was stopped before its first checkpoint; restarting it from step 0", resume, run_dir)
+        return None, "restart"
+    if str(resume) != "auto":
+        raise ConfigError(
+            f"resume={resume} holds no readable checkpoint (last.ckpt, step_*.ckpt); "
+            "use resume=auto, ckpt_path=<file>, or start a new run"
+        )
+    _check_run_dir(run_dir)
+    return None, ""
 
 
 def _rank_zero_process() -> bool:
@@ -161,13 +149,30 @@ def _quiet_known_warnings() -> None:
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train the run described by `cfg` (composed from `conf/train.yaml`).
 
+    The run's first process claims its directory (`latentdiff.rundir.RunLock`) before it writes anything and
+    releases it when the run ends, however it ends.
+
     Returns:
         The final logged metrics (floats), the run directory and the trainer's global step.
+
+    Raises:
+        ConfigError: a mistake in the config or its inputs, found before any work.
+        NothingToDo: the run to continue is already at `trainer.max_steps`.
     """
     _quiet_known_warnings()
     with user_errors():
         validate_train_config(cfg)
         run_dir = Path(cfg.paths.output_dir)
+        lock = RunLock(run_dir).acquire() if _rank_zero_process() else None
+    try:
+        return _fit(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    with user_errors():
         ckpt_path, ckpt_key = resume_point(cfg, run_dir)
         resume_step, wandb_id = None, None
         if ckpt_path is not None:
@@ -179,6 +184,13 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             resume_step, wandb_id = int(meta.get("global_step", 0)), meta["latentdiff"].get("wandb_id")
             loader_meta = {"loops": meta.get("loops", {})}
             del meta
+            max_steps = int(cfg.trainer.max_steps)
+            if max_steps != -1 and resume_step >= max_steps:
+                where = f"resume={cfg.resume}: {run_dir}" if ckpt_key == "resume" else f"ckpt_path={ckpt_path}"
+                raise NothingToDo(
+                    f"{where} is finished: its checkpoint is at step {resume_step} and trainer.max_steps={max_steps}; "
+                    "nothing to train (raise trainer.max_steps to continue it, or start a new run with resume=null)"
+                )
             # the same wandb run only when the same run directory goes on (ckpt_path starts a new run)
             if ckpt_key == "resume" and wandb_id and OmegaConf.select(cfg, "logger.wandb") is not None:
                 cfg.logger.wandb.id = wandb_id
@@ -220,7 +232,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             _check_loader_state(loader_meta, batch_size, trainer.world_size, str(ckpt_path))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if trainer.is_global_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps its first one
+    # a resumed run keeps its first config; a restarted one (stopped before its first checkpoint) gets this one
+    if trainer.is_global_zero and (ckpt_key == "restart" or not (run_dir / "config.yaml").exists()):
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     num_params = sum(p.numel() for p in module.backbone.parameters())
     log.info(

@@ -9,6 +9,9 @@ sorted fancy-indexing copy per shard instead of B Python calls.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import lightning as L
 import numpy as np
 import torch
@@ -16,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from latentdiff.autoencoder import same_encoder
 from latentdiff.data.order import key_uniform, split_item, train_loader
-from latentdiff.data.store import LatentStore
+from latentdiff.data.store import LatentStore, StoreError, verify_store
+
+log = logging.getLogger(__name__)
 
 
 def _batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,6 +95,26 @@ class LatentDataset(Dataset):
         return batch
 
 
+def _verified(root: str, key: str) -> None:
+    """`verify_store` with the config key in its error (a damaged file is named, one line)."""
+    from pathlib import Path
+
+    try:
+        result = verify_store(Path(root))
+    except StoreError as err:
+        raise StoreError(
+            f"{key}={root} failed verification: {err}; extract the store again (a re-run repairs it)"
+        ) from None
+    log.info(
+        "%s=%s verified: %d shards, %.2f GB in %.1f s",
+        key,
+        root,
+        result["shards"],
+        result["bytes"] / 1e9,
+        result["seconds"],
+    )
+
+
 class LatentDataModule(L.LightningDataModule):
     """Training data from a latent store made by `python -m latentdiff.extract`.
 
@@ -111,6 +136,8 @@ class LatentDataModule(L.LightningDataModule):
         num_val: items of the held-out loss (the first ones, no flip, first caption).
         shuffle_seed: seed of the training order and of each item's flip and caption (the run's `seed`).
         latent_size, latent_channels, channels, text_dim, text_len: the shape facts the backbone reads.
+        verify: recompute every checksum of the store(s) before training (`python -m latentdiff.verify`
+            does the same on its own; it reads the whole store once, about 1.4 GB/s).
     """
 
     def __init__(
@@ -132,11 +159,16 @@ class LatentDataModule(L.LightningDataModule):
         channels: int = 3,
         text_dim: int | None = None,
         text_len: int | None = None,
+        verify: bool = False,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
         self.num_classes, self.text, self.random_flip, self.num_val = int(num_classes), bool(text), random_flip, num_val
         self.shuffle_seed = int(shuffle_seed)
+        if verify and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # one process per node reads it all
+            for key, folder in (("data.root", root), ("data.val_root", val_root)):
+                if folder is not None:
+                    _verified(folder, key)
         self.store = LatentStore(root, in_memory=in_memory, key="data.root")
         self.val_store = self.store if val_root is None else LatentStore(val_root, in_memory, key="data.val_root")
         for key, store in (("data.root", self.store), ("data.val_root", self.val_store)):

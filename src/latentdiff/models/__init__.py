@@ -14,20 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from latentdiff import trust
 from latentdiff.utils import artefact_not_loaded
 
 _OFFICIAL_WEIGHTS = "https://github.com/baofff/U-ViT#pretrained-models"
 
 
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    """Instantiate `model_cfg` (a `conf/model/*.yaml` node) and load `model_cfg.pretrained` when it is set."""
-    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+def build_backbone(model_cfg: DictConfig | dict, where: str = "the run config") -> nn.Module:
+    """Build `model_cfg` (a `conf/model/*.yaml` node) and load `model_cfg.pretrained` when it is set.
+
+    Backbones are built only from `latentdiff.trust.ALLOWED` (also from a checkpoint's or an export's stored
+    config: `where` names that file in the error).
+    """
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
     pretrained = cfg.pop("pretrained", None)
-    backbone = instantiate(cfg)
+    backbone = trust.build(cfg, where, "model")
     if pretrained:
         load_pretrained(backbone, pretrained)
     return backbone
@@ -40,7 +44,7 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
 
     Raises:
         FileNotFoundError: no such file (the message says where official weights are downloaded).
-        ValueError: the file holds no state dict.
+        ValueError: the file holds no state dict (`ConfigError`: unreadable, refused or corrupt).
     """
     path = Path(path)
     if not path.is_file():
@@ -52,10 +56,9 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        raise ValueError(f"{key}={path} is not a readable weights file: {str(err).splitlines()[0]}") from None
+    from latentdiff.checkpoint import read_torch_file
+
+    state = read_torch_file(path, key, what="weights file")  # weights_only=True, CRC-32s verified
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         inner = state["state_dict"]
         prefix = "ema.model." if any(k.startswith("ema.model.") for k in inner) else "backbone."

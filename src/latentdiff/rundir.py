@@ -1,0 +1,316 @@
+"""Run directories: how a new one is named and claimed, which one `resume` continues, and the lock that keeps
+two runs out of one directory.
+
+- `run_dir(base, resume)` (the `ld.run_dir` resolver of `conf/hydra/default.yaml`): a new run gets
+  `<base>/<date>_<time>`, created here with `mkdir` (atomic): a second run started in the same second gets
+  `<date>_<time>_1`. `resume=auto` continues the newest run of `<base>`: one that holds checkpoints, or one that
+  was stopped before its first checkpoint (only `config.yaml`), which restarts from step 0 in its own folder.
+- `RunLock`: `<run>/.lock`, created with `O_EXCL` by the run's first process before it writes anything, removed
+  when the run ends. A second run into the same directory is refused in one line while the holder lives. A lock
+  left by a crash is stale, and taken over, when its process is gone (same host: the pid no longer runs, or runs
+  another program), when its heartbeat (the file's mtime, touched every `HEARTBEAT_S`) is older than
+  `STALE_AFTER_S` (another host), or when it was written by an earlier start of the same SLURM job (a requeue).
+- `NEW_RUN_DIRS`: the directories this process created; only those (and the empty parents it made) are removed
+  after an error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from latentdiff.checkpoint import checkpoints
+from latentdiff.errors import ConfigError
+
+LOCK = ".lock"
+_MISSING = object()
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+# run directories this process chose as new ones, and the parents it made for them: only those may be removed
+NEW_RUN_DIRS: set[str] = set()
+_MADE_PARENTS: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------ naming
+def no_resume(resume: Any) -> bool:
+    """Whether a `resume` value means "start a new run" (null, false, empty)."""
+    return resume is None or resume is False or str(resume) in ("", "null", "None", "false", "False")
+
+
+def run_dir(base: str, resume: Any) -> str:
+    """The run directory for `hydra.run.dir`.
+
+    Args:
+        base: `<log_dir>/<name>`.
+        resume: null (a new `<base>/<date>_<time>`), "auto" (the newest run under `base`: see the module
+            docstring; else a new one), or a run directory.
+    """
+    if no_resume(resume):
+        return _new_run_dir(base)
+    if str(resume) == "auto":
+        runs = [(_last_activity(p), p.name, p) for p in Path(base).glob("*") if p.is_dir()]
+        runs = [r for r in runs if r[0] is not None]
+        return str(max(runs)[2]) if runs else _new_run_dir(base)
+    return str(Path(resume).expanduser().resolve())
+
+
+def _last_activity(run: Path) -> float | None:
+    """When a run directory last saved its state (its newest checkpoint, or config.yaml for a run stopped before
+    its first checkpoint); None for a folder that holds no run."""
+    files = checkpoints(run)
+    if files:
+        return max(f.stat().st_mtime for f in files)
+    config = run / "config.yaml"
+    return config.stat().st_mtime if config.is_file() else None
+
+
+def stopped_before_first_checkpoint(run: Path) -> bool:
+    """A run directory whose run wrote its config and was stopped before any checkpoint (restartable)."""
+    return (run / "config.yaml").is_file() and not checkpoints(run)
+
+
+def _new_run_dir(base: str) -> str:
+    """Create `<base>/<date>_<time>` (or `_1`, `_2`, ... when another run took that name) and return it."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    _make_parents(Path(base))
+    for n in range(1000):
+        path = Path(base) / (stamp if n == 0 else f"{stamp}_{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        NEW_RUN_DIRS.add(os.path.abspath(path))
+        return str(path)
+    raise ConfigError(f"paths.log_dir: 1000 runs named {Path(base) / stamp} exist; choose another name=")
+
+
+def _make_parents(folder: Path) -> None:
+    missing = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    _MADE_PARENTS.extend(os.path.abspath(p) for p in missing)
+
+
+def remove_new_run_dir(run: Path, keep_if: Any = None) -> None:
+    """Remove a run directory this process created (and the empty parents it made), unless `keep_if(run)`."""
+    import shutil
+
+    if os.path.abspath(run) not in NEW_RUN_DIRS or not run.is_dir() or (keep_if is not None and keep_if(run)):
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    NEW_RUN_DIRS.discard(os.path.abspath(run))
+    _remove_empty_parents()
+
+
+def _remove_empty_parents() -> None:
+    for parent in sorted(_MADE_PARENTS, key=len, reverse=True):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)  # only when empty
+
+
+@atexit.register
+def _remove_unused() -> None:
+    """A run directory chosen but never used (`--cfg hydra --resolve`, a config error) is removed when empty."""
+    for path in NEW_RUN_DIRS:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    _remove_empty_parents()
+
+
+def hydra_subdir(run: str) -> str:
+    """Hydra's record folder in a run directory: `.hydra` in a new one, `.hydra/resume_<time>` in one that
+    already holds a run or a record (the first launch's record is never overwritten)."""
+    run_dir = Path(run)
+    markers = (".hydra", "config.yaml", "metrics.csv", "last.ckpt")  # not train.log: Hydra opens it first
+    if any((run_dir / m).exists() for m in markers) or any(run_dir.glob("*.ckpt")):
+        return f".hydra/resume_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    return ".hydra"
+
+
+def check_location(cfg: Any, args: list[str]) -> None:
+    """Before Hydra makes the run directory: `resume`, `ckpt_path`, `paths.log_dir` and an explicit
+    `hydra.run.dir` must name what they are meant to (Hydra would create a missing `resume` folder, and fail on
+    a file with a traceback).
+
+    Raises:
+        ConfigError: naming the key, the value and what it must be.
+    """
+    from omegaconf import OmegaConf
+
+    resume = OmegaConf.select(cfg, "resume", default=None)
+    if not no_resume(resume) and str(resume) != "auto":
+        path = Path(str(resume)).expanduser()
+        if path.is_file():
+            raise ConfigError(
+                f"resume={resume} is a file; resume takes a run directory (a checkpoint: ckpt_path={resume})"
+            )
+        if not path.is_dir():
+            raise ConfigError(
+                f"resume={resume} does not exist; use resume=auto (the newest run of outputs/<name>), "
+                "an existing run directory, or ckpt_path=<checkpoint file>"
+            )
+    ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
+    if ckpt_path and Path(str(ckpt_path)).expanduser().is_dir():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a folder; ckpt_path takes a checkpoint file (a run: resume={ckpt_path})"
+        )
+    folders = [("paths.log_dir", OmegaConf.select(cfg, "paths.log_dir", default=None))]
+    folders += [("hydra.run.dir", a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")]
+    for key, value in folders:
+        if value is None:
+            continue
+        for folder in (Path(str(value)).expanduser(), *Path(str(value)).expanduser().parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    inside = "" if str(folder) == str(Path(str(value)).expanduser()) else f" ({folder} is a file)"
+                    raise ConfigError(f"{key}={value} is not a folder{inside}; runs are written into folders")
+                break
+
+
+# -------------------------------------------------------------------------------------------- lock
+def _identity() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_start": _process_start(os.getpid()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "started": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux); tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process that wrote a lock still runs (checked on this host only)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    start = holder.get("process_start")
+    return start is None or _process_start(pid) in (None, start)
+
+
+def stale(holder: dict[str, Any] | None, age_s: float) -> bool:
+    """Whether a lock's holder is gone (see the module docstring)."""
+    if holder is None:  # unreadable: written by a process killed mid-write
+        return age_s > 5.0
+    me = _identity()
+    same_job = holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]
+    if same_job and int(holder.get("slurm_restart") or 0) < me["slurm_restart"]:
+        return True  # an earlier start of this requeued job
+    if holder.get("host") == me["host"]:
+        return not _alive(holder)
+    return age_s > STALE_AFTER_S
+
+
+class RunLock:
+    """The claim of one run directory by one run (see the module docstring); a context manager.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        key: the config key named in the refusal.
+    """
+
+    def __init__(self, run_dir: str | Path, key: str = "paths.output_dir"):
+        self.run_dir, self.key = Path(run_dir), key
+        self.path = self.run_dir / LOCK
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        """Claim the directory, taking over a stale lock.
+
+        Raises:
+            ConfigError: another live run holds it (naming its process, host and start).
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, age = self._read()
+                if holder is _MISSING:  # released meanwhile: try again
+                    continue
+                if not stale(holder, age):
+                    raise self._in_use(holder) from None
+                if self._read()[0] == holder:  # still the stale one (not a lock another run just took)
+                    self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(_identity(), f)
+            self.held = True
+            self._thread = threading.Thread(target=self._beat, name="latentdiff-run-lock", daemon=True)
+            self._thread.start()
+            return self
+        holder = self._read()[0]
+        raise self._in_use(None if holder is _MISSING else holder)
+
+    def release(self) -> None:
+        """Remove the lock (only ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.held:
+            holder, _ = self._read()
+            if holder is None or (isinstance(holder, dict) and holder.get("pid") == os.getpid()):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _read(self) -> tuple[Any, float]:
+        """(the holder's record, None when unreadable, or _MISSING; the lock's age in seconds)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return _MISSING, 0.0
+        except (OSError, ValueError):
+            return None, age if "age" in locals() else 0.0
+        return (holder if isinstance(holder, dict) else None), age
+
+    def _in_use(self, holder: dict[str, Any] | None) -> ConfigError:
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+            if holder
+            else "a run that is starting"
+        )
+        return ConfigError(
+            f"{self.key}={self.run_dir} is in use by another run ({who}); wait for it to end, or start a new run "
+            f"in its own directory (leave hydra.run.dir unset); if that run is gone, delete {self.path}"
+        )

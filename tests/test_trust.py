@@ -1,0 +1,229 @@
+"""A file someone shares never chooses what code runs (`latentdiff.trust`, `weights_only=True` everywhere).
+
+Each payload would create a marker file if it ran. A positive control shows that each one is live (Hydra's
+`instantiate` or `torch.load(weights_only=False)` does create the marker); then every entry that reads such
+a file refuses it in one `error:` line naming the file, and no marker exists afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+
+from latentdiff import trust
+from latentdiff.errors import ConfigError
+from latentdiff.export import export, load_exported
+from latentdiff.training import run_training
+
+from .conftest import CONF_DIR, TINY_RUN, compose_config
+from .entries import one_line_error, snapshot
+
+
+class _Touch:
+    """Unpickling this opens (creates) `path`: the smallest "runs code" payload."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _open_node(marker: Path) -> dict:
+    return {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+
+
+def _pickle_node(marker: Path) -> dict:
+    """torch.load of an in-memory pickle with weights_only=False: arbitrary code."""
+    buffer = io.BytesIO()
+    torch.save(_Touch(marker), buffer)
+    inner = {"_target_": "io.BytesIO", "initial_bytes": buffer.getvalue()}
+    return {"_target_": "torch.load", "f": inner, "weights_only": False}
+
+
+def _payloads(marker: Path) -> dict[str, callable]:
+    """name -> a function that poisons a stored run config (a dict) in place."""
+
+    def put(path: str, node):
+        def poison(config: dict) -> None:
+            *parents, last = path.split(".")
+            target = config
+            for part in parents:
+                target = target[part]
+            target[last] = node
+
+        return poison
+
+    def nested_in_allowed(config: dict) -> None:  # an allowed class whose argument is a call
+        config["model"]["embed_dim"] = _open_node(marker)
+
+    def args_trick(config: dict) -> None:  # Hydra's positional arguments
+        config["vae"]["_args_"] = [_open_node(marker)]
+
+    def partial_trick(config: dict) -> None:  # an allowed class turned into a partial
+        config["diffusion"]["_partial_"] = True
+        config["diffusion"]["scheduler"] = _pickle_node(marker)
+
+    return {
+        "vae-open": put("vae", _open_node(marker)),
+        "vae-pickle": put("vae", _pickle_node(marker)),
+        "model-pickle": put("model", _pickle_node(marker)),
+        "scheduler-pickle": put("diffusion.scheduler", _pickle_node(marker)),
+        "sampler-pickle": put("sampler.scheduler", _pickle_node(marker)),
+        "nested-in-allowed": nested_in_allowed,
+        "args": args_trick,
+        "partial": partial_trick,
+    }
+
+
+PAYLOADS = list(_payloads(Path("x")))
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trust")
+    return Path(run_training(compose_config(TINY_RUN, root))["run_dir"]) / "last.ckpt"
+
+
+def _crafted(real_ckpt: Path, folder: Path, payload: str, marker: Path) -> Path:
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    _payloads(marker)[payload](ckpt["latentdiff"]["config"])
+    path = folder / f"{payload}.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_the_payloads_are_live(tmp_path):
+    for i, node in enumerate((_open_node(tmp_path / "a"), _pickle_node(tmp_path / "b"))):
+        instantiate(node)
+        assert (tmp_path / "ab"[i]).exists()  # Hydra builds them: this is what a stored config must not reach
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("entry", ["sample", "export"])
+def test_a_crafted_checkpoint_runs_no_code(real_ckpt, tmp_path, monkeypatch, capfd, entry, payload):
+    marker = tmp_path / "marker"
+    crafted = _crafted(real_ckpt, tmp_path, payload, marker)
+    assert torch.load(crafted, weights_only=True)  # weights_only accepts the file: the config is the attack
+    before = snapshot(tmp_path)
+    line, code = one_line_error(entry, [f"ckpt={crafted}", f"out={tmp_path}/out"], tmp_path, monkeypatch, capfd)
+    assert not marker.exists()
+    assert line.startswith(f"error: ckpt={crafted}: ") and "refusing to build it" in line, line
+    assert code == 2 and snapshot(tmp_path) == before
+
+
+def test_the_refusal_names_the_key_and_the_target(real_ckpt, tmp_path):
+    marker = tmp_path / "marker"
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    _payloads(marker)["scheduler-pickle"](ckpt["latentdiff"]["config"])
+    with pytest.raises(ConfigError, match=r"diffusion\.scheduler\._target_='torch\.load' is not a class latentdiff"):
+        trust.build(ckpt["latentdiff"]["config"]["diffusion"], "ckpt=x", "diffusion")
+    with pytest.raises(ConfigError, match=r"vae\.pretrained='\$\{oc\.env:HOME\}' is an interpolation"):
+        trust.check(
+            {"_target_": "latentdiff.autoencoder.FrozenAutoencoderKL", "pretrained": "${oc.env:HOME}"}, "x", "vae"
+        )
+    assert not marker.exists()
+
+
+def _exported(real_ckpt: Path, out: Path) -> Path:
+    export(real_ckpt, out)
+    return out
+
+
+def test_an_export_whose_metadata_names_code_is_refused(real_ckpt, tmp_path):
+    marker = tmp_path / "marker"
+    folder = _exported(real_ckpt, tmp_path / "export")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_latentdiff"]["config"]["model"] = _pickle_node(marker) | {"f": {"_target_": "io.StringIO"}}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError) as err:
+        load_exported(folder)
+    assert str(err.value).startswith(f"{folder}/model_index.json: model._target_='torch.load' is not a class")
+    assert "\n" not in str(err.value) and not marker.exists()
+
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "backbone.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"latentdiff_model": json.dumps(_open_node(marker))})
+    with pytest.raises(ConfigError, match=r"backbone\.safetensors \(metadata\): model\._target_='builtins\.open'"):
+        load_exported(weights)
+    assert not marker.exists()
+
+
+def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch, capfd):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    marker, control = tmp_path / "marker", tmp_path / "control"
+    crafted = tmp_path / "inception.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "hook": _Touch(marker)}, crafted)
+    torch.save({"hook": _Touch(control)}, tmp_path / "control.pth")
+    with pytest.raises(Exception):  # noqa: B017 - the point is that it ran before failing
+        FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "control.pth")
+        )
+    assert control.exists()  # torch-fidelity's own loader runs the pickle
+    import numpy as np
+
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    args = [f"samples={tmp_path}/samples.npz", "metrics=[isc]", f"inception_weights={crafted}"]
+    line, _ = one_line_error("evaluate", args, tmp_path, monkeypatch, capfd)
+    assert line.startswith(f"error: inception_weights={crafted} was refused: it holds pickled objects"), line
+    assert not marker.exists()
+
+    from latentdiff.metrics import Inception
+
+    with pytest.raises(ConfigError, match="was refused"):  # the FID callback's path
+        Inception(str(crafted))
+    assert not marker.exists()
+
+
+def test_a_crafted_weights_file_for_model_pretrained_runs_no_code(tmp_path, monkeypatch, capfd):
+    marker = tmp_path / "marker"
+    torch.save({"pos_embed": torch.zeros(1), "hook": _Touch(marker)}, tmp_path / "weights.pt")
+    args = [f"paths.log_dir={tmp_path}/outputs", *TINY_RUN, f"model.pretrained={tmp_path}/weights.pt"]
+    line, _ = one_line_error("train", args, tmp_path, monkeypatch, capfd)
+    assert line.startswith(f"error: model.pretrained={tmp_path}/weights.pt was refused: it holds pickled"), line
+    assert not marker.exists() and snapshot(tmp_path) == {"weights.pt": snapshot(tmp_path)["weights.pt"]}
+
+
+def test_every_class_of_the_built_config_groups_is_allowed():
+    """conf/model, vae, diffusion and sampler name only allowed classes (a new class needs its entry)."""
+    found = {}
+
+    def targets(node, where):
+        if isinstance(node, dict):
+            if "_target_" in node:
+                found[node["_target_"]] = (where, bool(node.get("_partial_")))
+            for value in node.values():
+                targets(value, where)
+        elif isinstance(node, list):
+            for value in node:
+                targets(value, where)
+
+    for group in ("model", "vae", "diffusion", "sampler"):
+        for file in (CONF_DIR / group).glob("*.yaml"):
+            targets(yaml.safe_load(file.read_text()), file.name)
+    assert len(found) >= 20
+    for target, (where, partial) in found.items():
+        assert target in trust.ALLOWED, f"{where}: {target} is not in latentdiff.trust.ALLOWED"
+        assert (trust.ALLOWED[target] == "partial") == partial, target
+        assert trust._locate(target) is not None
+
+
+def test_an_allowed_config_builds_what_hydra_builds():
+    cfg = compose_config([*TINY_RUN, "diffusion=cosine_v", "sampler=dpm_solver"])
+    from omegaconf import OmegaConf
+
+    diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    ours, hydras = trust.build(copy.deepcopy(diffusion), "x", "diffusion"), instantiate(cfg.diffusion)
+    assert type(ours) is type(hydras) and dict(ours.scheduler.config) == dict(hydras.scheduler.config)
+    sampler = trust.build(OmegaConf.to_container(cfg.sampler.scheduler, resolve=True), "x", "sampler.scheduler")
+    built = sampler(ours.scheduler.config)
+    assert dict(built.config) == dict(instantiate(cfg.sampler.scheduler)(hydras.scheduler.config).config)
