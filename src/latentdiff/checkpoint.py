@@ -56,11 +56,20 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except (OSError, RuntimeError) as err:  # torch's zip writer turns ENOSPC into a RuntimeError on close
+        tmp.unlink(missing_ok=True)
+        full = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+        if full is None:
             raise
-        kept = f"{path} is the previous checkpoint, intact" if path.exists() else "nothing was written"
-        raise DiskFullError(errno.ENOSPC, disk_full_message(err, path, _payload_bytes(payload), kept)) from None
+        others = [p.name for p in checkpoints(path.parent) if p != path]
+        kept = (
+            f"{path.name} is the previous checkpoint, intact"
+            if path.exists()
+            else f"the run's checkpoints ({', '.join(others)}) are intact"
+            if others
+            else "no checkpoint was written"
+        )
+        raise DiskFullError(errno.ENOSPC, disk_full_message(full, path, _payload_bytes(payload), kept)) from None
     finally:
         tmp.unlink(missing_ok=True)
     try:
@@ -75,6 +84,15 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
         os.close(fd)
 
 
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """An exception and the ones it was raised from or while handling."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 @contextlib.contextmanager
 def _crc32_on() -> Iterator[None]:
     from torch.serialization import get_crc32_options, set_crc32_options
@@ -87,14 +105,20 @@ def _crc32_on() -> Iterator[None]:
         set_crc32_options(before)
 
 
-def _payload_bytes(payload: Any) -> int:
-    """The bytes of the tensors in a checkpoint payload (what its file needs, give or take the metadata)."""
+def _payload_bytes(payload: Any, seen: set[int] | None = None) -> int:
+    """The bytes of the tensor storages in a checkpoint payload, each counted once (what `torch.save` writes,
+    give or take the metadata)."""
+    seen = set() if seen is None else seen
     if torch.is_tensor(payload):
-        return payload.numel() * payload.element_size()
+        storage = payload.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
     if isinstance(payload, dict):
-        return sum(_payload_bytes(v) for v in payload.values())
+        return sum(_payload_bytes(v, seen) for v in payload.values())
     if isinstance(payload, (list, tuple)):
-        return sum(_payload_bytes(v) for v in payload)
+        return sum(_payload_bytes(v, seen) for v in payload)
     return 0
 
 

@@ -161,11 +161,11 @@ def hydra_entry(
             check_missing(values, config_name)
             if precheck is not None:
                 precheck(composed, sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, DiskFullError) as err:
         if debug:
             raise
         print(f"error: {one_line(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(4 if isinstance(err, DiskFullError) else 2)
 
     def cleanup() -> None:
         from latentdiff.checkpoint import checkpoints

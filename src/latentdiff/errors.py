@@ -18,7 +18,13 @@ class ConfigError(ValueError):
 
 
 class DiskFullError(OSError):
-    """A write ran out of space; the message names the file, the space it needed and what was kept."""
+    """A write ran out of space; the message names the file, the space it needed and what was kept.
+
+    Raised as `DiskFullError(errno.ENOSPC, message)`; `str()` is the message alone.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 class NothingToDo(Exception):

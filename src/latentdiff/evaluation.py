@@ -15,7 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.data.store import write_json_atomic
 from latentdiff.errors import ConfigError, user_errors
-from latentdiff.metrics import METRICS, Inception, compute_metrics, load_reference, open_images, write_statistics
+from latentdiff.metrics import (
+    METRICS,
+    Inception,
+    check_reference,
+    compute_metrics,
+    load_reference,
+    open_images,
+    write_statistics,
+)
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config
 
@@ -67,7 +75,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         if "kid" in metrics and n < subset:
             raise ConfigError(f"fidelity.kid_subset_size={subset} is more than the {n} samples; set it to <= {n}")
         if cfg.get("reference") is not None:
-            open_images(cfg.reference, "reference")  # a wrong path fails before the Inception weights load
+            check_reference(cfg.reference)  # a wrong path or bad statistics fail before the Inception weights load
         inception = Inception(cfg.get("inception_weights"), _device(str(cfg.device)), int(cfg.batch_size))
         reference = None
         if cfg.get("reference") is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import netrc
 import os
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from latentdiff.errors import DiskFullError, disk_full_message
 
 
 class _RunCSVWriter(ExperimentWriter):
@@ -39,11 +43,20 @@ class _RunCSVWriter(ExperimentWriter):
         self.rows.extend(self.metrics)
         self.metrics = []
         tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.metrics_file_path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, self.metrics_file_path)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            kept = "metrics.csv was left as it was"
+            raise DiskFullError(errno.ENOSPC, disk_full_message(err, self.metrics_file_path, kept=kept)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 class RunCSVLogger(CSVLogger):

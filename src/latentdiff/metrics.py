@@ -272,27 +272,45 @@ class Reference:
         self.image_shape, self.provenance = image_shape, dict(provenance or {})
 
 
+def check_reference(path: str | Path) -> tuple[NpzImages | FolderImages, tuple[np.ndarray, np.ndarray] | None]:
+    """Open a reference and read its statistics if it has them (no Inception needed): (images, (mu, sigma) or None).
+
+    Raises:
+        ValueError: missing, not images nor statistics, statistics of the wrong shapes or not finite.
+    """
+    key, path = "reference", Path(path)
+    images = open_images(path, key)
+    if not isinstance(images, NpzImages):
+        return images, None
+    if "mu" not in images.members and "sigma" not in images.members:
+        if not images.has_images:
+            raise ValueError(
+                f"{key}={path} holds neither images (arr_0) nor statistics (mu, sigma); "
+                f"it holds {', '.join(images.members)}"
+            )
+        return images, None
+    if not {"mu", "sigma"} <= set(images.members):
+        raise ValueError(f"{key}={path} holds mu or sigma but not both; a statistics file needs mu and sigma")
+    stats = (images.array("mu"), images.array("sigma"))
+    if stats[0].ndim != 1 or stats[1].shape != (len(stats[0]), len(stats[0])):
+        raise ValueError(
+            f"{key}={path}: mu {list(stats[0].shape)} and sigma {list(stats[1].shape)} are not (D,) and (D, D)"
+        )
+    for name, array in zip(("mu", "sigma"), stats):
+        if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+            raise ValueError(
+                f"{key}={path}: {name} holds NaN, inf or non-numbers; FID needs finite statistics "
+                "(recompute them with evaluate.py write_stats=<npz>)"
+            )
+    return images, stats
+
+
 def load_reference(
     path: str | Path, inception: Inception, cache_dir: str | Path | None, need_features: bool
 ) -> Reference:
     """Open a reference (see `Reference`); `need_features` for KID / precision-recall."""
     key, path = "reference", Path(path)
-    images = open_images(path, key)
-    stats = None
-    if isinstance(images, NpzImages):
-        if "mu" in images.members or "sigma" in images.members:
-            if not {"mu", "sigma"} <= set(images.members):
-                raise ValueError(f"{key}={path} holds mu or sigma but not both; a statistics file needs mu and sigma")
-            stats = (images.array("mu"), images.array("sigma"))
-            if stats[0].ndim != 1 or stats[1].shape != (len(stats[0]), len(stats[0])):
-                raise ValueError(
-                    f"{key}={path}: mu {list(stats[0].shape)} and sigma {list(stats[1].shape)} are not (D,) and (D, D)"
-                )
-        elif not images.has_images:
-            raise ValueError(
-                f"{key}={path} holds neither images (arr_0) nor statistics (mu, sigma); "
-                f"it holds {', '.join(images.members)}"
-            )
+    images, stats = check_reference(path)
     provenance = {"reference": str(path.resolve())}
     if stats is not None and not (need_features and getattr(images, "has_images", False)):
         if need_features:

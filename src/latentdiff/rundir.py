@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -28,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from latentdiff.checkpoint import checkpoints
-from latentdiff.errors import ConfigError
+from latentdiff.errors import ConfigError, DiskFullError, shorten
 
 LOCK = ".lock"
+MIN_FREE_BYTES = 1 << 20  # a run directory needs at least this much to start (Hydra's record, the config)
 _MISSING = object()
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -105,8 +108,6 @@ def _make_parents(folder: Path) -> None:
 
 def remove_new_run_dir(run: Path, keep_if: Any = None) -> None:
     """Remove a run directory this process created (and the empty parents it made), unless `keep_if(run)`."""
-    import shutil
-
     if os.path.abspath(run) not in NEW_RUN_DIRS or not run.is_dir() or (keep_if is not None and keep_if(run)):
         return
     shutil.rmtree(run, ignore_errors=True)
@@ -149,6 +150,12 @@ def check_location(cfg: Any, args: list[str]) -> None:
     """
     from omegaconf import OmegaConf
 
+    name = OmegaConf.select(cfg, "name", default=None)
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or len(name) > 200:
+        raise ConfigError(
+            f"name={shorten(repr(name))} must be a folder name (at most 200 characters, no '/'); runs go to "
+            "<paths.log_dir>/<name>/"
+        )
     resume = OmegaConf.select(cfg, "resume", default=None)
     if not no_resume(resume) and str(resume) != "auto":
         path = Path(str(resume)).expanduser()
@@ -176,6 +183,13 @@ def check_location(cfg: Any, args: list[str]) -> None:
                 if not folder.is_dir():
                     inside = "" if str(folder) == str(Path(str(value)).expanduser()) else f" ({folder} is a file)"
                     raise ConfigError(f"{key}={value} is not a folder{inside}; runs are written into folders")
+                free = shutil.disk_usage(folder).free
+                if free < MIN_FREE_BYTES:  # Hydra would fail writing its record, with a traceback
+                    raise DiskFullError(
+                        errno.ENOSPC,
+                        f"no space left on the device of {key}={value} ({free / 1e3:.0f} kB free); nothing was "
+                        "written: free some space or write elsewhere",
+                    )
                 break
 
 

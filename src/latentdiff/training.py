@@ -20,7 +20,7 @@ from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
 from latentdiff.masking import check_text_rows, check_token_run
-from latentdiff.models import build_backbone
+from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
 from latentdiff.rundir import RunLock, no_resume, stopped_before_first_checkpoint
 from latentdiff.validation import validate_train_config
@@ -210,6 +210,7 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             check_sampler(instantiate(cfg.sampler.scheduler), module.diffusion.scheduler, interval)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
+        check_condition(module.backbone, bool(getattr(datamodule, "text", False)), module.num_classes)
         if getattr(datamodule, "text", False):
             check_text_rows(module.backbone, datamodule.store.meta.get("text"), f"data.root={datamodule.store.root}")
         empty_text = getattr(datamodule, "empty_text", None)

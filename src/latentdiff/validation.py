@@ -100,6 +100,11 @@ RULES: dict[str, Rule] = {
     "diffusion.label_smoothing": UNIT,
     "sampler.steps": POSITIVE_INT,
     "sampler.guidance_scale": _num(lambda v: v >= 0, "must be a number >= 0 (1 = no guidance)"),
+    "sampler.guidance_interval": Rule(
+        tuple[float, float] | None,
+        lambda v: v is None or 0 <= v[0] <= v[1],
+        "must be [low, high] with 0 <= low <= high (training timesteps), or null",
+    ),
     "optim.lr": _num(lambda v: v > 0, "must be > 0 (e.g. 2e-4)"),
     "optim.weight_decay": _num(lambda v: v >= 0, "must be >= 0"),
     "optim.warmup_steps": Rule(int, lambda v: v >= 0, "must be an integer >= 0"),

@@ -173,6 +173,7 @@ class LatentDataModule(L.LightningDataModule):
         self.val_store = self.store if val_root is None else LatentStore(val_root, in_memory, key="data.val_root")
         for key, store in (("data.root", self.store), ("data.val_root", self.val_store)):
             self._check_store(key, store, image_size, latent_size, latent_channels, text_dim, text_len)
+            self._check_labels(key, store)
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         if self.batch_size > len(self.store):
@@ -198,6 +199,22 @@ class LatentDataModule(L.LightningDataModule):
                 f"{latent_channels}x{latent_size}x{latent_size} (vae and data.image_size)"
             )
         self._check_classes_and_text(where, meta, text_dim, text_len)
+
+    def _check_labels(self, key: str, store: LatentStore) -> None:
+        """Class ids must be in [0, num_classes): an id beyond would index past the class table mid-training."""
+        if self.num_classes <= 0:
+            return
+        for i, shard in enumerate(store.shards):
+            labels = shard.labels
+            if labels is None or not len(labels):
+                continue
+            low, high = int(labels.min()), int(labels.max())  # (n,) int64: small, read once
+            if low < 0 or high >= self.num_classes:
+                bad = high if high >= self.num_classes else low
+                raise ValueError(
+                    f"{key}={store.root}: shard {i} holds class id {bad}, outside [0, {self.num_classes}) "
+                    f"(data.num_classes={self.num_classes}); the store's labels do not match its store.json"
+                )
 
     def _check_classes_and_text(self, where: str, meta: dict, text_dim: int | None, text_len: int | None) -> None:
         if self.num_classes > 0:

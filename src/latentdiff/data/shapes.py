@@ -167,6 +167,12 @@ class ShapesDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if not 1 <= num_classes <= len(SHAPE_NAMES):  # checked here, before any work (rendering is in setup)
+            raise ValueError(
+                f"data.num_classes={num_classes} is not supported by data=shapes; use 1..{len(SHAPE_NAMES)}"
+            )
+        if image_size < 8:
+            raise ValueError(f"data.image_size={image_size} is too small for data=shapes; use 8 or more")
         self.image_size, self.num_classes = image_size, num_classes
         self.num_train, self.num_val = num_train, num_val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -1,6 +1,10 @@
 """Backbones (`uvit.UViT`, `unet.UNet`, `unet.UNetCond`, `uvit2d.UVit2D`) and `build_backbone`, which also
 loads weights.
 
+The backbone contract: `forward(x, timesteps, cond=None)`, and `condition` says what `cond` is: "class"
+(class ids (B,), with `class_rows` rows in the table: the classes and the null class), "text" (features
+(B, L, D)) or "none". `check_condition` compares it with what the data gives before training starts.
+
 Every model config has a `pretrained` key (null by default) that is not a constructor argument: a weights
 file (an official U-ViT `.pth` state dict, a `.safetensors` or `.pt` state dict of the backbone, or a
 Lightning checkpoint of this project, whose EMA weights are taken), an export folder of `latentdiff.export`,
@@ -128,3 +132,38 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
         state = read_state_dict(path, key)
     check_fits(backbone, state, key, pretrained, f"the configured {name}")
     backbone.load_state_dict(state)
+
+
+def check_condition(backbone: nn.Module, text: bool, num_classes: int) -> None:
+    """Refuse a backbone whose condition is not what the data gives (text features, class ids or nothing).
+
+    Args:
+        backbone: a built backbone (`condition`, `class_rows`).
+        text: the data gives text features (`data.text`).
+        num_classes: the classes the run conditions on (`module.num_classes`; 0: labels are ignored).
+
+    Raises:
+        ValueError: one line naming the model, what it takes and what the data gives.
+    """
+    name = type(backbone).__name__
+    gives = "text" if text else "class" if num_classes > 0 else "none"
+    takes = backbone.condition
+    words = {
+        "text": "text features (data.text=true)",
+        "class": f"class ids (module.num_classes={num_classes})",
+        "none": "no condition (module.num_classes=0, data.text=false)",
+    }
+    if takes != gives:
+        fix = {
+            "text": "a text-conditional model (e.g. model=uvit_s2_t2i, unet_cond) or another store",
+            "class": "a class-conditional model with the data's classes (model.num_classes, num_class_embeds)",
+            "none": "an unconditional model, or data with labels or captions",
+        }[gives]
+        raise ValueError(
+            f"model={name} takes {words[takes].split(' (')[0]} but the data gives {words[gives]}; use {fix}"
+        )
+    if takes == "class" and backbone.class_rows < num_classes + 1:
+        raise ValueError(
+            f"model={name} has {backbone.class_rows} class rows but module.num_classes={num_classes} needs "
+            f"{num_classes + 1} (the classes and the null class); set the model's classes from the data"
+        )

@@ -91,6 +91,16 @@ class _DiffusersUNet(nn.Module):
         self.unet.save_pretrained(path, **kwargs)
 
     @property
+    def condition(self) -> str:
+        """What `cond` is (the backbone contract): "class" with a class table, else "none"."""
+        return "class" if self.null_class is not None else "none"
+
+    @property
+    def class_rows(self) -> int:
+        """Rows of the class table (the classes and the null class); 0 without one."""
+        return int(self.null_class) + 1 if self.null_class is not None else 0
+
+    @property
     def null_class(self) -> int | None:
         """Index of the null class (the last row of the class table), or None without a class table."""
         n = self.unet.config.num_class_embeds
@@ -159,6 +169,7 @@ class UNetCond(_DiffusersUNet):
     """
 
     diffusers_cls = UNet2DConditionModel
+    condition = "text"  # cond: (B, L, D) text features for the cross-attention
 
     def forward(
         self,

@@ -246,6 +246,9 @@ class UViT(nn.Module):
             )
         self.embed_dim, self.in_chans, self.patch_size = embed_dim, in_chans, patch_size
         self.num_classes, self.clip_dim, self.num_clip_token = num_classes, clip_dim, num_clip_token
+        # what `cond` is (the backbone contract): class ids, text features or nothing; and the class rows
+        self.condition = "text" if clip_dim is not None else "class" if num_classes > 0 else "none"
+        self.class_rows = max(int(num_classes), 0)
         self.use_checkpoint, self.timestep_offset = use_checkpoint, float(timestep_offset)
         self.adaln = time_cond == "adaln"
 

@@ -110,6 +110,9 @@ class UVit2D(nn.Module):
         self.codebook_size, self.vocab_size, self.mask_token_id = codebook, vocab, vocab - 1
         self.text_conditioning, self.pooled_text = bool(text_conditioning), bool(pooled_text)
         self.num_classes = int(num_class_embeds) - 1 if num_class_embeds is not None and num_class_embeds > 0 else 0
+        # what `cond` is (the backbone contract): class ids, text features or nothing; and the class rows
+        self.condition = "text" if text_conditioning else "class" if self.num_classes > 0 else "none"
+        self.class_rows = self.num_classes + 1 if self.num_classes > 0 else 0
         if self.text_conditioning:
             self.clip_dim = hidden  # what `latentdiff.flops.dummy_cond` builds text features with
         else:
