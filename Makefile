@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train extract sample evaluate export test test-fast bench bench-gpu lint format clean
+.PHONY: help install train extract sample evaluate export verify test test-fast bench bench-gpu lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ extract: install ## Encode images into a latent store: make extract ARGS="data=i
 export: install ## Export a checkpoint's backbone: make export ARGS="ckpt=outputs/<name>/<run>/last.ckpt out=<dir>"
 	$(PY) -m latentdiff.export $(ARGS)
 
+verify: install ## Recompute checksums: make verify ARGS="path=<run dir | checkpoint | latent store>"
+	$(PY) -m latentdiff.verify $(ARGS)
+
 sample: install ## Generate images: make sample ARGS="ckpt=outputs/.../last.ckpt num_samples=50000"
 	$(PY) sample.py $(ARGS)
 
@@ -52,6 +55,7 @@ bench: install ## Benchmarks (bench/): tables + JSON under outputs/bench/; OFFIC
 	OFFICIAL_UVIT="$(OFFICIAL_UVIT)" $(PY) bench/official.py
 	$(PY) bench/loader.py
 	$(PY) bench/sampling.py
+	$(PY) bench/integrity.py
 
 bench-gpu: install ## The GPU runbook (README): U-ViT-S/2, L/2, H/2 img/s and MFU at batch 128/256, bf16, eager vs compiled
 	$(PY) bench/train.py --device cuda --data latents --models uvit_s2,uvit_l2,uvit_h2 --batch 128,256 \

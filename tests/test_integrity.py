@@ -91,15 +91,18 @@ def test_every_loader_refuses_a_corrupt_checkpoint(flipped, tmp_path, monkeypatc
     assert code == 2 and snapshot(tmp_path) == before
 
 
-def test_resuming_a_run_whose_last_checkpoint_is_corrupt_names_the_others(run, tmp_path, monkeypatch, capfd):
-    copy = tmp_path / "copy"
+def test_resuming_a_run_passes_over_a_corrupt_checkpoint(run, tmp_path, caplog):
+    copy = tmp_path / "run"  # compose_config's run directory
     shutil.copytree(run, copy)
     flip_bit(copy / "last.ckpt", tensor_offset(copy / "last.ckpt")[0])
-    before = snapshot(tmp_path)
-    args = [f"paths.log_dir={tmp_path}/outputs", *TINY_RUN, f"resume={copy}", "trainer.max_steps=6"]
-    line, _ = one_line_error("train", args, tmp_path, monkeypatch, capfd)
-    assert f"resume={copy}/last.ckpt is corrupt" in line and "the run's other checkpoints: step_0000002.ckpt" in line
-    assert snapshot(tmp_path) == before
+    caplog.set_level("WARNING")
+    result = run_training(compose_config([*TINY_RUN, f"resume={copy}", "trainer.max_steps=4"], tmp_path))
+    assert result["global_step"] == 4 and "last.ckpt is corrupt" in caplog.text
+    assert "continuing from the run's previous checkpoint" in caplog.text
+    for name in ("last.ckpt", "step_0000002.ckpt"):  # every checkpoint corrupt: one line naming them
+        flip_bit(copy / name, tensor_offset(copy / name)[0])
+    with pytest.raises(ConfigError, match=r"none of the checkpoints of .* is readable and intact \(last.ckpt, step_"):
+        run_training(compose_config([*TINY_RUN, f"resume={copy}", "trainer.max_steps=6"], tmp_path))
 
 
 def test_verify_command_checks_a_checkpoint_and_a_run(run, flipped, capsys):

@@ -227,3 +227,22 @@ def test_an_allowed_config_builds_what_hydra_builds():
     sampler = trust.build(OmegaConf.to_container(cfg.sampler.scheduler, resolve=True), "x", "sampler.scheduler")
     built = sampler(ours.scheduler.config)
     assert dict(built.config) == dict(instantiate(cfg.sampler.scheduler)(hydras.scheduler.config).config)
+
+
+def test_a_crafted_vae_folder_runs_no_code(tmp_path):
+    """diffusers reads a folder's `.bin` weights with weights_only=True: a VAE folder whose weights file is a
+    pickle payload is refused by the one loader of the frozen autoencoders, and the payload never runs."""
+    from safetensors.torch import load_file
+
+    from latentdiff.autoencoder import FrozenAutoencoderKL
+
+    from .artefacts import make_tiny_vae
+
+    folder = make_tiny_vae(tmp_path / "vae")  # save_pretrained writes safetensors: replace them by a .bin
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    torch.save({**state, "hook": _Touch(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"vae.pretrained=.*could not be loaded"):
+        FrozenAutoencoderKL(str(folder))
+    assert not marker.exists()

@@ -5,7 +5,9 @@
   previous file intact and never a file that looks complete. Reads use `weights_only=True`.
 - `load_checkpoint`: one-line errors for a missing, truncated or foreign file.
 - `latest_checkpoint(run_dir)`: the checkpoint of a run directory with the highest optimizer step
-  (`last.ckpt`, `step_*.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`).
+  (`last.ckpt`, `step_*.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`); a truncated or corrupt one is passed over.
+- `verify_checkpoint`: the CRC-32 of every zip record, which `torch.save` writes and `torch.load` never checks;
+  every full read of a checkpoint or weights file verifies them.
 - `check_resumable(stored, cfg)`: resuming another backbone or data shape is an error naming the key.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import zipfile
 import zlib
@@ -24,6 +27,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from latentdiff.errors import ConfigError, DiskFullError, disk_full_message
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERNS = ("last.ckpt", "step_*.ckpt", "hpc_ckpt_*.ckpt", "preempted.ckpt")
 
@@ -262,11 +267,22 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted({p for pattern in CHECKPOINT_PATTERNS for p in run_dir.glob(pattern) if p.is_file()})
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The readable checkpoint of `run_dir` with the highest step (ties: the newest file); None if none."""
+def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
+    """The readable checkpoint of `run_dir` with the highest step (ties: the newest file); None if none.
+
+    Args:
+        verify: take the highest one whose CRC-32s match (`verify_checkpoint`), logging each corrupt one passed.
+    """
     steps = [(checkpoint_step(p), p.stat().st_mtime, p) for p in checkpoints(run_dir)]
-    steps = [s for s in steps if s[0] >= 0]
-    return max(steps)[2] if steps else None
+    for _, _, path in sorted((s for s in steps if s[0] >= 0), reverse=True):
+        if not verify:
+            return path
+        try:
+            verify_checkpoint(path, "resume")
+            return path
+        except ConfigError as err:
+            log.warning("%s; continuing from the run's previous checkpoint instead", err)
+    return None
 
 
 # model keys that do not change the parameters (starting weights, gradient checkpointing)

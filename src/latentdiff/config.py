@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from latentdiff.errors import ConfigError
 
@@ -73,41 +73,3 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         for option in value.split(","):
             if option and option not in options:
                 raise ConfigError(f"{key}={option} is not a known option of '{key}'; use one of: {', '.join(options)}")
-
-
-DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"  # conf/sampler/ of Gaussian/flow
-
-
-def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") -> None:
-    """A flow-matching objective needs a FlowMatch* sampler, a Gaussian one any other (checked on targets).
-
-    Raises:
-        ConfigError: naming the sampler, the objective and the samplers that fit.
-    """
-    objective = str(OmegaConf.select(cfg, "diffusion._target_", default="") or "")
-    sampler = str(OmegaConf.select(cfg, f"{sampler_key}._target_", default="") or "")
-    if not objective or not sampler:
-        return
-    token_objective, token_sampler = objective.endswith("MaskedTokens"), "AmusedScheduler" in sampler
-    if token_objective or token_sampler:
-        if token_objective != token_sampler:
-            name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
-            kind, allowed = (
-                ("masked-token", "amused")
-                if token_objective
-                else ("diffusion", f"{DIFFUSION_SAMPLERS} (or diffusion=masked_tokens for a token model)")
-            )
-            raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
-        from latentdiff.masking import check_token_config
-
-        try:
-            check_token_config(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return
-    flow_objective, flow_sampler = objective.endswith("FlowMatching"), "FlowMatch" in sampler
-    if flow_objective != flow_sampler:
-        name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
-        allowed = "flow_euler or flow_heun" if flow_objective else "ddpm, ddim, dpm_solver, euler or heun"
-        kind = "flow-matching" if flow_objective else "Gaussian-diffusion"
-        raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")

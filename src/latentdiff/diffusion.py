@@ -27,8 +27,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from latentdiff.config import DIFFUSION_SAMPLERS
-
+DIFFUSION_SAMPLERS = "ddim, dpm_solver, euler, heun, ddpm, flow_euler or flow_heun"  # conf/sampler/ of Gaussian/flow
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 FLOW_TIME_SAMPLINGS = ("uniform", "logit_normal")

@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from latentdiff.checkpoint import load_checkpoint
-from latentdiff.config import check_sampler_fits
 from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
 from latentdiff.errors import ConfigError, shorten, user_errors
@@ -38,7 +37,7 @@ from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
 from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
-from latentdiff.validation import check_config, check_targets, check_values, plain
+from latentdiff.validation import check_config, check_sampler_fits, check_targets, check_values, plain
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
     if resume is None:
         _check_run_dir(run_dir)
         return None, ""
-    found = latest_checkpoint(run_dir)
+    found = latest_checkpoint(run_dir, verify=resume != "spawned")  # rank 0 verified it for the others
     if found is not None:
         return found, "resume"
     if resume == "spawned":
@@ -96,7 +96,8 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
     files = checkpoints(run_dir)
     if files:
         raise ConfigError(
-            f"resume={resume}: none of the checkpoints of {run_dir} is readable ({', '.join(f.name for f in files)}); "
+            f"resume={resume}: none of the checkpoints of {run_dir} is readable and intact "
+            f"({', '.join(f.name for f in files)}); "
             "continue from a copy with ckpt_path=<file>, or start a new run"
         )
     if stopped_before_first_checkpoint(run_dir):
@@ -176,7 +177,8 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ckpt_path, ckpt_key = resume_point(cfg, run_dir)
         resume_step, wandb_id = None, None
         if ckpt_path is not None:
-            meta = load_checkpoint(ckpt_path, ckpt_key if ckpt_key == "ckpt_path" else "resume", mmap=True)
+            key = ckpt_key if ckpt_key == "ckpt_path" else "resume"  # `resume_point` verified the one it chose
+            meta = load_checkpoint(ckpt_path, key, mmap=True, verify=ckpt_key == "ckpt_path")
             label = ckpt_path if ckpt_key == "ckpt_path" else f"{cfg.resume} ({ckpt_path.name})"
             check_resumable(
                 meta["latentdiff"].get("config"), OmegaConf.to_container(cfg, resolve=True), ckpt_key, label
