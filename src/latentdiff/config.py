@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from latentdiff.errors import ConfigError
+from latentdiff.utils import fast_precision
 
 
 def _with_null(num_classes: int) -> int:
@@ -37,6 +38,7 @@ def register_resolvers() -> None:
         "ld.add": lambda a, b: a + b,
         "ld.if": lambda condition, a, b: a if condition else b,
         "ld.official_offset": _official_offset,
+        "ld.fast_precision": fast_precision,  # bf16-mixed where bf16 is native (CPU flags, GPU), else 32-true
         "ld.cwd": os.getcwd,  # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in
         # Hydra's multirun launcher, before any job (hydra.sweep.dir reads it through paths.log_dir)
     }

@@ -10,6 +10,7 @@ objects live with them (the datamodule, `run_training`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,9 @@ from latentdiff.diffusion import DIFFUSION_SAMPLERS
 from latentdiff.errors import ConfigError, shorten
 from latentdiff.rules import ENTRY_RULES, Rule, rule_for
 from latentdiff.signatures import MISSING, check_targets, describe, fits, leaves
+from latentdiff.utils import native_bf16
+
+log = logging.getLogger(__name__)
 
 INFINITE_OK: tuple[str, ...] = ()
 # which keys must have a value (no `???`) for each entry: the groups it builds, or only its own keys
@@ -139,6 +143,13 @@ def check_machine(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator} is not available on this machine (no {accelerator.upper()} device is "
             f"visible to torch); use one of {', '.join(dict.fromkeys(available))}"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision.startswith("bf16") and not native_bf16():
+        log.warning(
+            "trainer.precision=%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch emulates it, "
+            "about 40x slower than 32-true here; use trainer.precision=32-true",
+            precision,
         )
     if precision == "transformer-engine" and importlib.util.find_spec("transformer_engine") is None:
         raise ConfigError(
