@@ -177,7 +177,7 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(tmp_path):
         load_checkpoint(plain)
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {}, "latentdiff": Path("x")}, pickled)  # weights_only refuses arbitrary objects
-    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="pickled.ckpt was refused: it holds pickled objects"):
         load_checkpoint(pickled)
 
 

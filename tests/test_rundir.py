@@ -92,7 +92,7 @@ def _claim(folder: str, barrier, results) -> None:
 
 
 def test_two_processes_claiming_at_once_one_wins(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the children need nothing new: no re-import (spawn costs a minute here)
     barrier, results = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_claim, args=(str(tmp_path / "run"), barrier, results)) for _ in range(4)]
     for p in procs:

@@ -137,7 +137,7 @@ def test_sample_py_writes_adm_npz_pngs_provenance_and_resumes(quick_ckpt, tmp_pa
         (["labels=[7]"], "labels=[7] must be class ids in [0, 4)"),
         (["num_samples=0"], "num_samples=0 must be a positive integer"),
         (["ckpt=missing.ckpt"], "ckpt=missing.ckpt does not exist"),
-        (["use_ema=true", "precision=fp8"], "precision=fp8 is not supported; use one of fp32, bf16, fp16"),
+        (["use_ema=true", "precision=fp8"], "precision='fp8' is not supported; use one of fp32, bf16, fp16"),
     ],
 )
 def test_sample_py_bad_input_is_one_line(quick_ckpt, tmp_path, args, message):
@@ -155,7 +155,7 @@ def test_sample_py_refuses_a_folder_of_other_samples(quick_ckpt, tmp_path):
     before = (out / "samples.npz").read_bytes()
     bad = _sample(tmp_path, f"ckpt={quick_ckpt}", "num_samples=2", "sampler.steps=3", f"out={out}")
     assert bad.returncode == 2
-    assert "holds samples made differently (sampler: " in bad.stderr and "choose another out=" in bad.stderr
+    assert "holds samples made differently: sampler.steps: 2 there, 3 now; choose another out=" in bad.stderr
     assert (out / "samples.npz").read_bytes() == before
 
 

@@ -230,7 +230,7 @@ def load_checkpoint(
         not isinstance(ckpt, dict)
         or not isinstance(ckpt.get("state_dict"), dict)
         or not isinstance(record, dict)
-        or not isinstance(record.get("config"), dict)
+        or not isinstance(record.get("config", {}), dict)
     ):
         raise ConfigError(
             f"{key}={path} is not a latentdiff training checkpoint (no run config inside); "

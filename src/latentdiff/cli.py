@@ -99,18 +99,18 @@ def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCo
 
 def _unknown_key(key: str, overrides: list[str], config_dir: Path, config_name: str) -> ConfigError:
     """The error for `key=value` where the config has no `key`: the key meant, or how to add a new one."""
-    from omegaconf import OmegaConf
-
-    from latentdiff.validation import suggest
+    from latentdiff.signatures import suggest
 
     value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
         values = OmegaConf.to_container(_compose(config_dir, config_name, rest), resolve=False)
+    except Exception:  # another override is wrong too (Hydra's errors): it is reported once this one is fixed
+        values = None
+    meant = None
+    if values is not None:
         values.pop("hydra", None)
         meant = suggest(key, values)
-    except Exception:  # another override is wrong too: it is reported once this one is fixed
-        meant = None
     shown = f"{key}={shorten(value)}"
     if meant == key:  # an argument the config does not list: Hydra's + adds it
         return ConfigError(f"{shown}: {key} is not set in the config; add it with +{key}={shorten(value)}")
@@ -135,7 +135,8 @@ def hydra_entry(
 
     What is printed (one line on stderr; LATENTDIFF_DEBUG=1 raises instead, with the traceback):
     - `ConfigError`, or an OmegaConf error: `error: <message>`, exit status 2; with `cleanup_run_dir`, a run
-      directory this process created is removed unless it holds a checkpoint, and Hydra's records are undone;
+      directory this process created is removed (`latentdiff.rundir.remove_new_run_dir`: not one that holds a
+      checkpoint or another run's lock), and Hydra's records are undone;
     - `NonFiniteError`: exit status 3 (the run's checkpoints hold its last good state);
     - `DiskFullError` or any write that ran out of space: exit status 4, cleaned up as a `ConfigError`;
     - `NothingToDo`: the message without `error:`, Hydra's records undone, exit status 0.
@@ -168,14 +169,13 @@ def hydra_entry(
         sys.exit(4 if isinstance(err, DiskFullError) else 2)
 
     def cleanup() -> None:
-        from latentdiff.checkpoint import checkpoints
         from latentdiff.rundir import remove_new_run_dir
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         _undo_hydra_writes(run_dir, hydra_cfg.output_subdir)
         if cleanup_run_dir:
-            remove_new_run_dir(run_dir, keep_if=lambda r: bool(checkpoints(r)))
+            remove_new_run_dir(run_dir)
 
     def fail(message: str, code: int) -> None:
         print(f"error: {one_line(message)}", file=sys.stderr)

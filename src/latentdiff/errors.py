@@ -40,10 +40,11 @@ def shorten(value: Any, limit: int = 80) -> str:
     return f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
-def one_line(message: str, limit: int = 600) -> str:
-    """A message as one line: newlines joined, a runaway token (a 5,000-character value) cut, then the whole."""
+def one_line(message: str, limit: int = 1200) -> str:
+    """A message as one line: newlines joined, a runaway token (a 5,000-character value; not a long path) cut,
+    then the whole."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    words = [shorten(w, 100) if len(w) > 100 else w for w in "; ".join(lines).split(" ")]
+    words = [shorten(w, 300) if len(w) > 300 else w for w in "; ".join(lines).split(" ")]
     text = " ".join(words)
     return text if len(text) <= limit else text[: limit - 30] + f"... ({len(text)} characters)"
 

@@ -1,13 +1,12 @@
 """What each key of a composed config allows: its type and range, in words a user reads in the error.
 
-`RULES` holds the group keys (patterns of dotted keys; `*` matches one level); the constructors' type hints
+`RULES` holds the group keys (dotted keys); the constructors' type hints
 give the types of every other argument (`latentdiff.signatures`). `ENTRY_RULES` holds the top-level keys of
 each entry point. `latentdiff.validation.check_config` applies both.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,22 +108,30 @@ RULES: dict[str, Rule] = {
         lambda v: v == "auto" or (isinstance(v, int) and (v >= 1 or v == -1)) or isinstance(v, list),
         "must be auto, a positive integer, -1 or a list of device ids",
     ),
-    "callbacks.*.every_n_steps": Rule(int, lambda v: v >= 0, "must be an integer >= 0 (0: off)"),
+    "callbacks.sample_grid.every_n_steps": Rule(int, lambda v: v >= 0, "must be an integer >= 0 (0: off)"),
+    "callbacks.fid.every_n_steps": Rule(int, lambda v: v >= 0, "must be an integer >= 0 (0: off)"),
+    "callbacks.loss_curve.every_n_steps": POSITIVE_INT,
     "callbacks.checkpoint.every_n_train_steps": Rule(int, lambda v: v >= 0, "must be an integer >= 0 (0: off)"),
     "callbacks.checkpoint.keep_last": Rule(int, lambda v: v >= -1, "must be an integer >= -1 (-1: keep all)"),
     "callbacks.checkpoint.every_n_minutes": OPTIONAL_NONNEG,
-    "callbacks.*.samples_per_class": POSITIVE_INT,
-    "callbacks.*.num_samples": POSITIVE_INT,
-    "callbacks.*.max_classes": POSITIVE_INT,
-    "callbacks.*.batch_size": POSITIVE_INT,
-    "callbacks.*.steps": POSITIVE_INT,
+    "callbacks.sample_grid.samples_per_class": POSITIVE_INT,
+    "callbacks.sample_grid.num_samples": POSITIVE_INT,
+    "callbacks.sample_grid.max_classes": POSITIVE_INT,
+    "callbacks.sample_grid.steps": POSITIVE_INT,
+    "callbacks.fid.num_samples": POSITIVE_INT,
+    "callbacks.fid.batch_size": POSITIVE_INT,
+    "callbacks.fid.steps": POSITIVE_INT,
     "callbacks.loss_curve.smoothing": UNIT,
 }
 
 # the top-level keys of each entry point
 ENTRY_RULES: dict[str, dict[str, Rule]] = {
     "train": {
-        "name": Rule(str, lambda v: bool(v) and "/" not in v and v not in (".", ".."), "must be a folder name"),
+        "name": Rule(
+            str | int | float,
+            lambda v: bool(str(v)) and "/" not in str(v) and str(v) not in (".", "..") and len(str(v)) <= 200,
+            "must be a folder name (at most 200 characters, no '/')",
+        ),
         "seed": NONNEG_INT,
         "resume": Rule(str | bool | None, None, "must be auto, a run directory, or null"),
         "ckpt_path": Rule(str | None, None, "must be a checkpoint file or null"),
@@ -196,11 +203,5 @@ RULES["trainer.precision"] = Rule(
 
 
 def rule_for(key: str) -> Rule | None:
-    """The rule of a dotted key: its own entry of RULES, else the first pattern that matches it."""
-    if key in RULES:
-        return RULES[key]
-    parts = key.split(".")
-    for pattern, rule in RULES.items():
-        if "*" in pattern and len(pattern.split(".")) == len(parts) and fnmatch.fnmatchcase(key, pattern):
-            return rule
-    return None
+    """The rule of a dotted group key, if RULES has one."""
+    return RULES.get(key)

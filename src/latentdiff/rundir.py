@@ -106,9 +106,10 @@ def _make_parents(folder: Path) -> None:
     _MADE_PARENTS.extend(os.path.abspath(p) for p in missing)
 
 
-def remove_new_run_dir(run: Path, keep_if: Any = None) -> None:
-    """Remove a run directory this process created (and the empty parents it made), unless `keep_if(run)`."""
-    if os.path.abspath(run) not in NEW_RUN_DIRS or not run.is_dir() or (keep_if is not None and keep_if(run)):
+def remove_new_run_dir(run: Path) -> None:
+    """After an error: remove a run directory this process created (and the empty parents it made), unless it
+    holds a checkpoint (a run worth keeping) or a lock (another run's: it is using the directory)."""
+    if os.path.abspath(run) not in NEW_RUN_DIRS or not run.is_dir() or checkpoints(run) or (run / LOCK).exists():
         return
     shutil.rmtree(run, ignore_errors=True)
     NEW_RUN_DIRS.discard(os.path.abspath(run))
@@ -151,6 +152,7 @@ def check_location(cfg: Any, args: list[str]) -> None:
     from omegaconf import OmegaConf
 
     name = OmegaConf.select(cfg, "name", default=None)
+    name = name if isinstance(name, str) or name is None or isinstance(name, bool) else str(name)  # name=2024, nan
     if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or len(name) > 200:
         raise ConfigError(
             f"name={shorten(repr(name))} must be a folder name (at most 200 characters, no '/'); runs go to "
@@ -173,8 +175,9 @@ def check_location(cfg: Any, args: list[str]) -> None:
         raise ConfigError(
             f"ckpt_path={ckpt_path} is a folder; ckpt_path takes a checkpoint file (a run: resume={ckpt_path})"
         )
+    explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
     folders = [("paths.log_dir", OmegaConf.select(cfg, "paths.log_dir", default=None))]
-    folders += [("hydra.run.dir", a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")]
+    folders += [("hydra.run.dir", value) for value in explicit]
     for key, value in folders:
         if value is None:
             continue
@@ -191,6 +194,11 @@ def check_location(cfg: Any, args: list[str]) -> None:
                         "written: free some space or write elsewhere",
                     )
                 break
+    for value in explicit:  # Hydra is about to create it for this process: removed again after an error
+        path = Path(value).expanduser()
+        if not path.exists():
+            _MADE_PARENTS.extend(os.path.abspath(p) for p in path.parents if not p.exists())
+            NEW_RUN_DIRS.add(os.path.abspath(path))
 
 
 # -------------------------------------------------------------------------------------------- lock
@@ -254,7 +262,7 @@ class RunLock:
         self.path = self.run_dir / LOCK
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.held = False
+        self.held, self._made = False, False
 
     def acquire(self) -> RunLock:
         """Claim the directory, taking over a stale lock.
@@ -262,6 +270,7 @@ class RunLock:
         Raises:
             ConfigError: another live run holds it (naming its process, host and start).
         """
+        self._made = not self.run_dir.exists()  # an API caller's new run directory: removed again if left empty
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -294,6 +303,9 @@ class RunLock:
             if holder is None or (isinstance(holder, dict) and holder.get("pid") == os.getpid()):
                 with contextlib.suppress(OSError):
                     self.path.unlink()
+        if self._made:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only when the run wrote nothing (an error before any work)
         self.held = False
 
     def __enter__(self) -> RunLock:

@@ -346,7 +346,12 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
     with user_errors():
         check_config(cfg, "sample", groups=False)
         ckpt = load_checkpoint(cfg.ckpt, "ckpt") if cfg.get("ckpt") else None
-        run = run_config(cfg, overrides, ckpt["latentdiff"]["config"] if ckpt is not None else None)
+        stored = ckpt["latentdiff"].get("config") if ckpt is not None else None
+        if ckpt is not None and not stored:
+            raise ConfigError(
+                f"ckpt={cfg.ckpt} holds no run config to sample with; it was not written by a training run"
+            )
+        run = run_config(cfg, overrides, stored)
         _validate(cfg, run)
         nprocs = _num_processes(cfg.devices)
         if world == 1 and nprocs > 1:  # one process per device on this machine

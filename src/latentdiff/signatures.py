@@ -100,7 +100,8 @@ def parameters(target: str) -> tuple[dict[str, Any], bool] | None:
         obj = get_object(target)
     except Exception:
         raise ConfigError(f"_target_={target} cannot be imported; check the spelling of the class") from None
-    if inspect.ismethod(obj) and obj.__name__ == "from_config":
+    from_config = inspect.ismethod(obj) and obj.__name__ == "from_config"
+    if from_config:
         obj = obj.__self__
     fn = obj.__init__ if inspect.isclass(obj) else obj
     try:
@@ -111,7 +112,9 @@ def parameters(target: str) -> tuple[dict[str, Any], bool] | None:
         hints = typing.get_type_hints(fn)
     except Exception:  # hints that do not evaluate: check the names only
         hints = {}
-    params, kwargs = {}, False
+    # diffusers' `from_config` ignores the arguments its class does not take (the training scheduler's whole
+    # config goes through it, and a sampler preset may set one that another sampler lacks): names pass, types not
+    params, kwargs = {}, from_config
     for name, p in signature.parameters.items():
         if name == "self" or p.kind is p.VAR_POSITIONAL:
             continue

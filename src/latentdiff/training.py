@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -199,12 +199,6 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
-        data_class = get_class(cfg.data._target_)
-        if not issubclass(data_class, L.LightningDataModule):
-            raise ConfigError(
-                f"data={data_class.__name__} is an extraction source, not training data; encode it with "
-                "`python -m latentdiff.extract data=... out=<store>` and train with data=latents data.root=<store>"
-            )
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
         if cfg.get("sampler"):  # the grids and FID sample with it: fail now, not after hours of training

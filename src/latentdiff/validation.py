@@ -85,7 +85,13 @@ def check_missing(values: Mapping[str, Any], entry: str) -> None:
 
 
 def _check_value(key: str, value: Any, rule: Rule | None) -> None:
-    if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and key in INFINITE_OK):
+    label = rule is not None and fits("x", rule.hint)  # a key that takes strings: `name=nan` is a name
+    if (
+        isinstance(value, float)
+        and not math.isfinite(value)
+        and not label
+        and not (math.isinf(value) and key in INFINITE_OK)
+    ):
         raise ConfigError(f"{key}={value} must be a finite number")
     if isinstance(value, list):
         for item in value:
@@ -109,6 +115,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and what is allowed.
     """
+    _check_training_data(cfg)  # first: an extraction source lacks the keys the rest reads
     check_config(cfg, "train", targets=False)
     check_sampler_fits(cfg)  # before the sampler's own arguments: "this sampler does not fit" says more
     check_targets(plain(cfg))
@@ -120,6 +127,22 @@ def validate_train_config(cfg: DictConfig) -> None:
             "trainer.precision=16-mixed with optim.optimizer.fused=true cannot clip gradients (the fused step "
             "unscales them itself); use trainer.precision=bf16-mixed, optim.optimizer.fused=false, "
             "or trainer.gradient_clip_val=null"
+        )
+
+
+def _check_training_data(cfg: DictConfig) -> None:
+    import lightning as L
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "data._target_", default=None)
+    try:
+        data_class = get_class(target) if target else None
+    except Exception:
+        raise ConfigError(f"data._target_={target} cannot be imported; check the spelling of the class") from None
+    if data_class is not None and not issubclass(data_class, L.LightningDataModule):
+        raise ConfigError(
+            f"data={data_class.__name__} is an extraction source, not training data; encode it with "
+            "`python -m latentdiff.extract data=... out=<store>` and train with data=latents data.root=<store>"
         )
 
 
