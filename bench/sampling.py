@@ -72,7 +72,8 @@ def bench_inception(count: int, tmp: Path) -> dict:
     import torchvision
 
     from latentdiff.data import render_shapes
-    from latentdiff.metrics import Inception, NpzImages
+    from latentdiff.inception import Inception
+    from latentdiff.metrics import NpzImages
 
     weights = make_inception_weights(tmp / "inception.pth")
     images, _ = render_shapes(count, image_size=32, seed=0)

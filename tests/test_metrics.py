@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from latentdiff.data import render_shapes
 from latentdiff.evaluation import run_evaluation
-from latentdiff.metrics import Inception, NpzImages
+from latentdiff.inception import Inception
+from latentdiff.metrics import NpzImages
 
 from .artefacts import make_inception_weights
 from .test_cli import ROOT, _run

@@ -177,7 +177,7 @@ def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch, ca
     assert line.startswith(f"error: inception_weights={crafted} was refused: it holds pickled objects"), line
     assert not marker.exists()
 
-    from latentdiff.metrics import Inception
+    from latentdiff.inception import Inception
 
     with pytest.raises(ConfigError, match="was refused"):  # the FID callback's path
         Inception(str(crafted))

@@ -387,7 +387,8 @@ class FID(_SamplingCallback):
         open_images(self.reference_path, "callbacks.fid.reference")
 
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
-        from latentdiff.metrics import Inception, load_reference
+        from latentdiff.inception import Inception
+        from latentdiff.metrics import load_reference
 
         if self._inception is None:
             self._inception = Inception(self.inception_weights, pl_module.device, self.batch_size)
@@ -412,7 +413,8 @@ class FID(_SamplingCallback):
     def compute(self, trainer: L.Trainer, pl_module) -> float:
         """FID-N of the module's sampling (EMA) backbone; the same value is returned on every rank."""
         from latentdiff.generation import PromptSet, conditions_for
-        from latentdiff.metrics import FID_LAYER, compute_metrics
+        from latentdiff.inception import FID_LAYER
+        from latentdiff.metrics import compute_metrics
 
         self._prepare(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size

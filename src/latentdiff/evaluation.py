@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.data.store import write_json_atomic
 from latentdiff.errors import ConfigError, user_errors
+from latentdiff.inception import Inception
 from latentdiff.metrics import (
     METRICS,
-    Inception,
     check_reference,
     compute_metrics,
     load_reference,

@@ -1,14 +1,6 @@
 """`run_sampling(cfg)`: `sample.py`'s work. Images by sample index, sharded over processes, resumable.
 
-Output folder (`out`):
-    samples.json          provenance: checkpoint, weights (EMA or raw), model, VAE, objective, sampler, steps,
-                          guidance, seed, labels/prompts, library versions; `complete` once samples.npz is written
-    parts/                what each process made, batch by batch: r<rank>-<first index>.npy (uint8 NHWC) and
-                          .json (indices, labels or captions); a re-run skips the indices found here
-    images/000123.png     one PNG per index (save_png=true)
-    samples.npz           arr_0 (N, H, W, 3) uint8 and, class-conditional, arr_1 (N,) int64 class ids: the layout
-                          of ADM's evaluator and DiT's sample_ddp.py; written by the last process to finish
-    captions.txt          text models: the caption of each index, one per line
+The output folder (`out`) and its parts are described in `samples_folder.py`.
 """
 
 from __future__ import annotations
@@ -18,11 +10,9 @@ import json
 import logging
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -30,11 +20,12 @@ from tqdm import tqdm
 from latentdiff.checkpoint import load_checkpoint
 from latentdiff.data.store import LatentStore, write_json_atomic
 from latentdiff.diffusion import null_condition
-from latentdiff.errors import ConfigError, shorten, user_errors
+from latentdiff.errors import ConfigError, user_errors
 from latentdiff.extract import dist_env
 from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
+from latentdiff.samples_folder import assemble, check_out, done_indices, write_part, write_pngs
 from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config, check_sampler_fits, check_targets, check_values, plain
@@ -43,8 +34,6 @@ log = logging.getLogger(__name__)
 
 RUN_GROUPS = ("model", "vae", "diffusion", "data", "module", "sampler")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# keys of samples.json that may differ when a folder is resumed or extended
-_NOT_IDENTITY = ("num_samples", "batch_size", "versions", "complete")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -155,7 +144,7 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
 
 
 def _spec(cfg: DictConfig, run: DictConfig, built: dict[str, Any]) -> dict[str, Any]:
-    """samples.json: what produced the images (identity keys) and bookkeeping (`_NOT_IDENTITY`)."""
+    """samples.json: what produced the images (identity keys) and bookkeeping (`NOT_IDENTITY`)."""
     sampler = run.sampler
     labels = cfg.labels
     return {
@@ -192,103 +181,6 @@ def _default_out(cfg: DictConfig, run: DictConfig) -> Path:
         weights = "ema" if cfg.use_ema else "raw"
         return Path(cfg.ckpt).resolve().parent / "samples" / f"{Path(cfg.ckpt).stem}-{weights}-{tag}"
     return Path.cwd() / "outputs" / "samples" / f"{Path(run.model.pretrained).stem}-{tag}"
-
-
-def _check_out(out: Path, spec: dict[str, Any]) -> None:
-    """Refuse a folder holding other samples (naming each differing key with both values), or anything else."""
-    meta = out / "samples.json"
-    if meta.is_file():
-        old, new = _flat(json.loads(meta.read_text())), _flat(spec)
-        keys = sorted(
-            k for k in set(old) | set(new) if k.split(".")[0] not in _NOT_IDENTITY and old.get(k) != new.get(k)
-        )
-        if keys:
-            shown = [f"{k}: {shorten(old.get(k), 40)} there, {shorten(new.get(k), 40)} now" for k in keys[:4]]
-            more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
-            raise ConfigError(
-                f"out={out} holds samples made differently: {'; '.join(shown)}{more}; choose another out= "
-                "or sample with the same settings"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out={out} is not empty and holds no samples.json; choose another out=")
-
-
-def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
-    """A JSON record as {dotted key: leaf value} (lists are leaves)."""
-    if not isinstance(record, dict):
-        return {prefix: record}
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------- parts
-def done_indices(out: Path) -> set[int]:
-    """Sample indices already written to `out/parts` by any process of any earlier run."""
-    done: set[int] = set()
-    for meta in (out / "parts").glob("r*.json"):
-        if meta.with_suffix(".npy").is_file():
-            done.update(json.loads(meta.read_text())["indices"])
-    return done
-
-
-def _write_part(out: Path, rank: int, indices: list[int], images: np.ndarray, conds: list[Any]) -> None:
-    parts = out / "parts"
-    name = f"r{rank:03d}-{indices[0]:08d}"
-    tmp = parts / f".{name}.tmp-{os.getpid()}.npy"
-    np.save(tmp, images)
-    os.replace(tmp, parts / f"{name}.npy")
-    write_json_atomic(parts / f"{name}.json", {"indices": indices, "conds": conds})  # last: marks the part done
-
-
-def _write_pngs(out: Path, indices: list[int], images: np.ndarray) -> None:
-    import torchvision
-
-    folder = out / "images"
-    for i, image in zip(indices, images):
-        tmp = folder / f".{i:06d}.tmp-{os.getpid()}.png"
-        torchvision.io.write_png(torch.from_numpy(image).permute(2, 0, 1).contiguous(), str(tmp))
-        os.replace(tmp, folder / f"{i:06d}.png")
-
-
-def assemble(out: Path, num_samples: int, class_conditional: bool) -> Path | None:
-    """Write samples.npz (indices 0..N-1 in order) from the parts; None while some index is missing.
-
-    The npz is streamed part by part into a zip (no copy of all images in memory); it is written under a
-    temporary name and renamed, so a samples.npz is always complete.
-    """
-    where: dict[int, tuple[Path, int]] = {}
-    conds: dict[int, Any] = {}
-    for meta_file in sorted((out / "parts").glob("r*.json")):
-        meta = json.loads(meta_file.read_text())
-        for row, (i, c) in enumerate(zip(meta["indices"], meta["conds"])):
-            if i < num_samples:
-                where[i], conds[i] = (meta_file.with_suffix(".npy"), row), c
-    if len(where) < num_samples:
-        return None
-    first = np.load(where[0][0], mmap_mode="r")
-    shape = (num_samples, *first.shape[1:])
-    path, tmp = out / "samples.npz", out / f".samples.npz.tmp-{os.getpid()}"
-    maps: dict[Path, np.ndarray] = {}
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for start in range(0, num_samples, 256):
-                chunk = []
-                for i in range(start, min(start + 256, num_samples)):
-                    file, row = where[i]
-                    if file not in maps:
-                        maps[file] = np.load(file, mmap_mode="r")
-                    chunk.append(maps[file][row])
-                f.write(np.ascontiguousarray(np.stack(chunk)).tobytes())
-        if class_conditional:
-            with zf.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, np.asarray([conds[i] for i in range(num_samples)], dtype=np.int64))
-    os.replace(tmp, path)
-    if not class_conditional and any(isinstance(conds[i], str) for i in range(num_samples)):
-        (out / "captions.txt").write_text("".join(str(conds[i]).replace("\n", " ") + "\n" for i in range(num_samples)))
-    return path
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -362,7 +254,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
         out = Path(cfg.out) if cfg.get("out") else _default_out(cfg, run)
         if rank != 0:  # rank 0 checks the folder and writes samples.json first
             _wait_for(out / "samples.json")
-        _check_out(out, spec)
+        check_out(out, spec)
     del ckpt
     n = int(cfg.num_samples)
     previous = json.loads((out / "samples.json").read_text()) if (out / "samples.json").is_file() else {}
@@ -389,8 +281,8 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
                 latents = sampler.latents(indices, cond)
             images = sampler.decode(latents).numpy()  # (B, H, W, 3) uint8
             if cfg.save_png:
-                _write_pngs(out, indices, images)
-            _write_part(out, rank, indices, images, record)
+                write_pngs(out, indices, images)
+            write_part(out, rank, indices, images, record)
             bar.update(len(indices))
     seconds = time.perf_counter() - start
     result = dict(spec)
