@@ -193,3 +193,53 @@ def test_a_store_json_with_a_wrong_type_is_one_line(store, tmp_path):
     (copy / "store.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=r'store.json holds count="eighteen", which is not a valid count'):
         LatentStore(copy)
+
+
+def test_an_interrupted_re_extraction_still_verifies_and_a_missing_file_is_re_encoded(store, tmp_path, caplog):
+    """A re-run interrupted after it found damage (store.json removed) verifies the shards again; a file a shard
+    index records but that is gone is damage too (re-encoded by extraction, one line from verify)."""
+    root, args = store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    original = np.load(copy / "shards/shard-00001/moments.npy")
+    _flip_shard(copy)
+    (copy / "store.json").unlink()  # what an interrupted re-run leaves
+    index = copy / "shards/shard-00003/index.json"  # records a file (as a text shard its captions) that is gone
+    info = json.loads(index.read_text())
+    info["sha256"]["captions.json"] = "0" * 64
+    index.write_text(json.dumps(info))
+    from latentdiff.data.store import check_shard
+
+    with pytest.raises(StoreError, match=r"shard-00003/captions.json is missing or unreadable"):
+        check_shard(copy / "shards/shard-00003", verify=True)
+    caplog.set_level("INFO")
+    meta = run_extraction(compose_extract([*args, f"out={copy}"]))
+    assert meta["extraction"]["shards"] == 2 and meta["count"] == 18
+    assert np.array_equal(np.load(copy / "shards/shard-00001/moments.npy"), original)
+    verify_main([f"path={copy}"])
+
+
+def test_a_checkpoint_record_torch_never_writes_is_corruption(run, tmp_path):
+    """A record compressed by another method (torch writes only stored records) whose data is damaged: one line."""
+    path = tmp_path / "odd.ckpt"
+    shutil.copy(run / "last.ckpt", path)
+    name = zipfile.ZipFile(path).namelist()[0].split("/")[0] + "/extra"
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_LZMA) as archive:
+        archive.writestr(name, bytes(range(256)) * 64)
+    data = bytearray(path.read_bytes())
+    start = data.find(name.encode()) + len(name) + 12  # inside that record's compressed data
+    data[start : start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=rf"ckpt={path} is corrupt"):
+        verify_checkpoint(path)
+
+
+def test_a_stored_value_a_class_refuses_is_one_line_and_export_leaves_nothing(run, tmp_path, monkeypatch, capfd):
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["latentdiff"]["config"]["diffusion"]["scheduler"]["beta_schedule"] = "nope"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(ckpt, crafted)
+    before = snapshot(tmp_path)
+    line, code = one_line_error("export", [f"ckpt={crafted}", f"out={tmp_path}/exp"], tmp_path, monkeypatch, capfd)
+    assert line.startswith(f"error: ckpt={crafted}: diffusion.scheduler could not be built (NotImplementedError"), line
+    assert code == 2 and snapshot(tmp_path) == before

@@ -103,6 +103,29 @@ def test_two_processes_claiming_at_once_one_wins(tmp_path):
     assert outcomes == ["refused", "refused", "refused", "won"]
 
 
+def test_processes_taking_over_one_stale_lock_one_wins(tmp_path):
+    """Four runs find the same stale lock (its process is gone): exactly one takes it over."""
+    _write_lock(tmp_path / "run", pid=2**22 + 7)
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "run"), barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+def test_a_lock_being_written_is_not_taken(tmp_path):
+    (tmp_path / LOCK).write_text("")  # created, its record not written yet
+    with pytest.raises(ConfigError, match=r"in use by another run \(a run that is starting\)"):
+        RunLock(tmp_path).acquire()
+    os.utime(tmp_path / LOCK, (time.time() - 60, time.time() - 60))  # a process killed mid-write
+    RunLock(tmp_path).acquire().release()
+    assert not (tmp_path / LOCK).exists()
+
+
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     class Frozen:
         @staticmethod
@@ -149,7 +172,7 @@ def test_resume_auto_restarts_a_run_stopped_before_its_first_checkpoint(tmp_path
     orphan = base / "2026-01-01_00-00-00"
     orphan.mkdir(parents=True)
     (orphan / "config.yaml").write_text("seed: 0\n")  # what a run killed before its first checkpoint leaves
-    (orphan / "metrics.csv").write_text("step,train/loss\n1,0.5\n")
+    (orphan / "metrics.csv").write_text("step,train/loss\n")  # its header: no step was logged
     args = [f"paths.log_dir={tmp_path}/outputs", "name=orphaned", "resume=auto", *TINY_RUN]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
@@ -163,6 +186,32 @@ def test_resume_auto_restarts_a_run_stopped_before_its_first_checkpoint(tmp_path
     out, err = capfd.readouterr()
     assert (orphan / "last.ckpt").is_file() and "was stopped before its first checkpoint; restarting it" in out + err
     assert yaml.safe_load((orphan / "config.yaml").read_text())["name"] == "orphaned"  # this run's config
+
+
+def test_resume_auto_leaves_a_run_that_trained_without_a_checkpoint(tmp_path, monkeypatch):
+    """A run killed between checkpoints (or run with callbacks.checkpoint=null) cannot be continued: resume=auto
+    starts a new run and leaves its config, metrics and grids as they are."""
+    base = tmp_path / "outputs" / "trained"
+    old = base / "2026-01-01_00-00-00"
+    (old / "samples").mkdir(parents=True)
+    (old / "config.yaml").write_text("seed: 7\n")
+    (old / "metrics.csv").write_text("step,train/loss\n1,0.5\n2,0.4\n")
+    (old / "samples" / "step_0000002.png").write_bytes(b"png")
+    assert not rundir.stopped_before_first_checkpoint(old)
+    before = snapshot(old)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", f"paths.log_dir={tmp_path}/outputs", "name=trained", "resume=auto", *TINY_RUN]
+    )
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .entries import entry
+
+    GlobalHydra.instance().clear()
+    entry("train")()
+    new = [p for p in base.iterdir() if p != old]
+    assert len(new) == 1 and (new[0] / "last.ckpt").is_file()
+    assert snapshot(old) == before
 
 
 def test_resume_auto_of_a_finished_run_says_so_and_changes_nothing(tmp_path, monkeypatch, capfd):
@@ -216,6 +265,7 @@ def test_the_command_line_refuses_a_second_run_in_one_line(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         _write_lock(tmp_path / "busy", pid=holder.pid, process_start=rundir._process_start(holder.pid))
+        (tmp_path / "busy" / "train.log").write_text("")  # the live run's log, empty so far: it stays
         proc = _run(tmp_path, [str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}/busy", *TINY_RUN])
     finally:
         holder.kill()
@@ -223,4 +273,15 @@ def test_the_command_line_refuses_a_second_run_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: paths.output_dir={tmp_path}/busy is in use by another run (pid {holder.pid}")
-    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [LOCK]  # nothing written beside the lock
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [LOCK, "train.log"]  # nothing written or removed
+
+
+def test_an_error_of_an_entry_without_a_run_directory_removes_nothing(tmp_path, monkeypatch, capfd):
+    """sample, evaluate, export and extract write no Hydra record: their errors leave the current directory as
+    it is (an empty train.log there belongs to someone else)."""
+    (tmp_path / "train.log").write_text("")
+    before = snapshot(tmp_path)
+    line, code = one_line_error(
+        "evaluate", [f"samples={tmp_path}/missing.npz", "metrics=[isc]"], tmp_path, monkeypatch, capfd
+    )
+    assert code == 2 and "missing.npz" in line and snapshot(tmp_path) == before

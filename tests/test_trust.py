@@ -119,6 +119,32 @@ def test_a_crafted_checkpoint_runs_no_code(real_ckpt, tmp_path, monkeypatch, cap
     assert code == 2 and snapshot(tmp_path) == before
 
 
+def test_the_read_only_groups_of_a_checkpoint_are_never_imported(real_ckpt, tmp_path, monkeypatch, capfd):
+    """`data` and `module` are only read by sample.py: their `_target_`s are never imported (importing a module
+    runs its top-level code), even though checking the built groups' arguments inspects their classes."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .entries import entry
+
+    marker = tmp_path / "marker"
+    (tmp_path / "ld_import_marker.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass X: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    config = ckpt["latentdiff"]["config"]
+    config["data"]["_target_"] = "ld_import_marker.X"
+    config["module"]["ema"] = {"_target_": "ld_import_marker.X", "_partial_": True}
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(ckpt, crafted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt={crafted}", f"out={tmp_path}/out", "num_samples=2"])
+    GlobalHydra.instance().clear()
+    entry("sample")()
+    assert (tmp_path / "out" / "samples.npz").is_file()
+    assert not marker.exists() and "ld_import_marker" not in sys.modules
+
+
 def test_the_refusal_names_the_key_and_the_target(real_ckpt, tmp_path):
     marker = tmp_path / "marker"
     ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)

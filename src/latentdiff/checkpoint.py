@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import lzma
 import mmap
 import os
 import zipfile
@@ -228,7 +229,18 @@ def verify_checkpoint(path: str | Path, key: str = "ckpt") -> int:
                             size += len(block)
                     continue
                 size += _check_stored_record(m, info)
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+    # a damaged zip (bad CRC, directory, header), or a record torch never writes (compressed by a method
+    # whose decoder fails, encrypted): all are corruption of a torch file
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+        OSError,
+    ) as err:
         others = [p.name for p in checkpoints(path.parent) if p.resolve() != path.resolve()]
         alternative = f"; the run's other checkpoints: {', '.join(others)}" if others else ""
         raise ConfigError(

@@ -15,7 +15,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.config import check_group_choices, register_resolvers
-from latentdiff.errors import ConfigError, DiskFullError, NothingToDo, disk_full_message, one_line, shorten
+from latentdiff.errors import (
+    ConfigError,
+    DiskFullError,
+    NothingToDo,
+    RunInUse,
+    disk_full_message,
+    one_line,
+    shorten,
+)
 
 # the repository's conf/ (the package is installed from the repository, editable)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -26,6 +34,8 @@ def _undo_hydra_writes(run_dir: Path, subdir: str | None) -> None:
     held a run before is left exactly as it was (a `.hydra/resume_*` record, an empty new train.log)."""
     from latentdiff.rundir import NEW_RUN_DIRS
 
+    if subdir is None:  # an entry that writes no record and no log file (sample, evaluate, export, extract)
+        return
     if subdir == ".hydra" and os.path.abspath(run_dir) not in NEW_RUN_DIRS:
         shutil.rmtree(run_dir / subdir, ignore_errors=True)  # a directory we did not create had no record
     if subdir and subdir.startswith(".hydra/resume_"):
@@ -165,21 +175,26 @@ def hydra_entry(
     except (ConfigError, DiskFullError) as err:
         if debug:
             raise
+        from latentdiff.rundir import reset
+
+        reset()
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(4 if isinstance(err, DiskFullError) else 2)
 
     def cleanup() -> None:
-        from latentdiff.rundir import remove_new_run_dir
+        from latentdiff.rundir import release_claims, remove_new_run_dir
 
+        release_claims()  # this process's lock on its run directory: it is done with it
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         _undo_hydra_writes(run_dir, hydra_cfg.output_subdir)
         if cleanup_run_dir:
             remove_new_run_dir(run_dir)
 
-    def fail(message: str, code: int) -> None:
+    def fail(message: str, code: int, undo: bool = True) -> None:
         print(f"error: {one_line(message)}", file=sys.stderr)
-        cleanup()
+        if undo:
+            cleanup()
         sys.exit(code)
 
     @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
@@ -195,7 +210,7 @@ def hydra_entry(
         except (ConfigError, OmegaConfBaseException) as err:
             if debug:
                 raise
-            fail(str(err), 2)
+            fail(str(err), 2, undo=not isinstance(err, RunInUse))  # another run's directory: touch nothing
         except NonFiniteError as err:
             if debug:
                 raise
@@ -206,4 +221,9 @@ def hydra_entry(
                 raise
             fail(str(err) if isinstance(err, DiskFullError) else disk_full_message(err), 4)
 
-    main()
+    from latentdiff.rundir import reset
+
+    try:
+        main()
+    finally:
+        reset()  # locks released, chosen directories forgotten (the next entry of this process chooses anew)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from latentdiff.errors import ConfigError
+
+
+def rank_zero_process() -> bool:
+    """False in the processes a launcher started for ranks > 0 (Lightning's DDP, torchrun, SLURM tasks)."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
 def per_rank_batch(global_batch: int, world_size: int, accumulate: int = 1) -> int:

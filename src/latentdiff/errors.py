@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A mistake in the run's configuration or inputs; the message is one line a user can act on."""
 
 
+class RunInUse(ConfigError):
+    """Another live run holds the run directory: this process must not touch it (not even to clean up)."""
+
+
 class DiskFullError(OSError):
     """A write ran out of space; the message names the file, the space it needed and what was kept.
 

@@ -85,10 +85,26 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     }
     record["_latentdiff"]["config"]["model"] = model_cfg
     folder = backbone_folder(backbone)
+    diffusion = config.get("diffusion") or {}
+    scheduler = build(diffusion["scheduler"], where, "diffusion.scheduler") if diffusion.get("scheduler") else None
     tmp = out.with_name(f".{out.name}.tmp-export")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, backbone, folder, model_cfg, scheduler, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info("exported %s weights of %s (step %d) to %s", weights, ckpt_path, record["_latentdiff"]["step"], out)
+    return record
+
+
+def _write(tmp: Path, backbone: nn.Module, folder: str, model_cfg: dict, scheduler: Any, record: dict) -> None:
+    """The export folder's files, into `tmp`; `record` gets the entry of each component."""
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(tmp / "backbone.safetensors"), metadata={"latentdiff_model": json.dumps(model_cfg)})
     if folder == "unet":
@@ -107,17 +123,10 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
             )
         )
         record[folder] = ["latentdiff.models.uvit", type(backbone).__name__]
-    diffusion = config.get("diffusion") or {}
-    if diffusion.get("scheduler"):
-        scheduler = build(diffusion["scheduler"], where, "diffusion.scheduler")
+    if scheduler is not None:
         scheduler.save_pretrained(tmp / "scheduler")
         record["scheduler"] = ["diffusers", type(scheduler).__name__]
     (tmp / INDEX).write_text(json.dumps(record, indent=2))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    log.info("exported %s weights of %s (step %d) to %s", weights, ckpt_path, record["_latentdiff"]["step"], out)
-    return record
 
 
 def load_exported(path: str | Path) -> nn.Module:

@@ -16,6 +16,7 @@ writes `store.json`. See `latentdiff.data.store` for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -286,16 +287,18 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
 
     num_shards = math.ceil(len(source) / cfg.shard_size)
     mine = [k for k in range(num_shards) if k % world == rank]
-    if complete:  # a re-run verifies every checksum; a damaged shard is encoded again
+    # a re-run (of a complete store, or of an interrupted extraction) verifies the checksums of the shards on disk
+    # (hashing is fast next to encoding); a damaged shard is encoded again
+    if complete:
         log.info("%s is a complete store: verifying the checksums of %d shards", out, len(mine))
-        todo = [k for k in mine if not _shard_complete(out, k, verify=True)]
-        records = _store_records_hold(out)
-        if not todo and records:
-            log.info("%s is a complete store and every checksum matches; nothing to do", out)
-            return json.loads((out / "store.json").read_text())
+    todo = [k for k in mine if not _shard_complete(out, k, verify=True)]
+    if complete:
+        if not todo and _store_records_hold(out):
+            with contextlib.suppress(FileNotFoundError):  # gone: another rank found damage and writes it again
+                meta = json.loads((out / "store.json").read_text())
+                log.info("%s is a complete store and every checksum matches; nothing to do", out)
+                return meta
         (out / "store.json").unlink(missing_ok=True)  # incomplete until the damaged parts are written again
-    else:
-        todo = [k for k in mine if not _shard_complete(out, k)]
     total = sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(source)))) for k in todo)
     log.info(
         "rank %d/%d: %d of %d shards to encode (%d images) on %s", rank, world, len(todo), len(mine), total, device

@@ -26,7 +26,7 @@ from latentdiff.generation import PromptSet, check_labels, conditions_for, sampl
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
 from latentdiff.samples_folder import assemble, check_out, done_indices, write_part, write_pngs
-from latentdiff.trust import build, check_stored
+from latentdiff.trust import STORED_GROUPS, build, check_stored
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config, check_sampler_fits, check_targets, check_values, plain
 
@@ -67,7 +67,9 @@ def _validate(cfg: DictConfig, run: DictConfig) -> None:
     """The run config (the checkpoint's, with the command line's changes): values, objects, and its image size."""
     values = plain(run)
     check_values(values)
-    check_targets(values)
+    # the built groups only (their targets are allowed, `trust.check_stored`): inspecting a target imports its
+    # module, and a checkpoint's data/module targets are read, never imported
+    check_targets({g: values[g] for g in STORED_GROUPS if STORED_GROUPS[g] and values.get(g) is not None})
     check_sampler_fits(run, sampler_key="sampler.scheduler")
     data, vae = run.get("data") or {}, run.get("vae") or {}
     size, grid, factor = data.get("image_size"), data.get("latent_size"), vae.get("downsample_factor")

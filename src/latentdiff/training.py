@@ -15,14 +15,14 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, checkpoints, latest_checkpoint, load_checkpoint
-from latentdiff.distributed import check_strategy, trainer_batch
+from latentdiff.distributed import check_strategy, rank_zero_process, trainer_batch
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
-from latentdiff.rundir import RunLock, no_resume, stopped_before_first_checkpoint
+from latentdiff.rundir import claim, no_resume, stopped_before_first_checkpoint
 from latentdiff.validation import validate_train_config
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
     - neither: a fresh run, which must not write into a directory that holds a run.
     """
     resume = None if no_resume(cfg.get("resume")) else cfg.get("resume")
-    if not _rank_zero_process():
+    if not rank_zero_process():
         resume = resume if resume is not None else "spawned"  # rank 0 checked the directory already
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).is_file():
@@ -110,11 +110,6 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str]:
         )
     _check_run_dir(run_dir)
     return None, ""
-
-
-def _rank_zero_process() -> bool:
-    """False in the processes a launcher started for ranks > 0 (Lightning's DDP, torchrun, SLURM tasks)."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
 def _check_loader_state(meta: dict, batch_size: int, world_size: int, key: str) -> None:
@@ -164,7 +159,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
         validate_train_config(cfg)
         run_dir = Path(cfg.paths.output_dir)
-        lock = RunLock(run_dir).acquire() if _rank_zero_process() else None
+        lock = claim(run_dir) if rank_zero_process() else None
     try:
         return _fit(cfg, run_dir)
     finally:

@@ -109,7 +109,10 @@ STORED_GROUPS = {"model": True, "vae": True, "diffusion": True, "sampler": True,
 def check_stored(config: dict, where: str) -> None:
     """`check` every group of a stored run config that sampling or export reads (`STORED_GROUPS`)."""
     for group, built in STORED_GROUPS.items():
-        check(config.get(group), where, group, built)
+        value = config.get(group)
+        if value is not None and not isinstance(value, dict):
+            raise _refuse(where, f"{group}={_show(value)}", "is not a config group (a mapping)")
+        check(value, where, group, built)
 
 
 def build(node: Any, where: str, key: str) -> Any:
@@ -119,7 +122,27 @@ def build(node: Any, where: str, key: str) -> Any:
         The built object; containers without `_target_` come back as plain lists and dicts.
     """
     check(node, where, key)
-    return _build(node)
+    roles = _ROLES.get(key)
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if roles is not None and not (isinstance(target, str) and target.startswith(roles)):
+        raise _refuse(where, f"{key}._target_={_show(target)}", f"is not a {key} class (one of {', '.join(roles)}*)")
+    try:
+        return _build(node)
+    except (ConfigError, OSError):  # one line already (a missing pretrained folder names what to download)
+        raise
+    except Exception as err:  # a value the class refuses: TypeError, NotImplementedError, ValueError, ...
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{where}: {key} could not be built ({type(err).__name__}: {first})") from None
+
+
+# what each built group must be: its class's dotted-name prefix
+_ROLES = {
+    "model": ("latentdiff.models.",),
+    "vae": ("latentdiff.autoencoder.",),
+    "diffusion": ("latentdiff.diffusion.", "latentdiff.masking."),
+    "diffusion.scheduler": ("diffusers.",),
+    "sampler.scheduler": ("diffusers.",),
+}
 
 
 def _build(node: Any) -> Any:

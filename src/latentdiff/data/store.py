@@ -160,7 +160,14 @@ def check_shard(path: Path, verify: bool = False) -> dict[str, Any]:
             raise StoreError(f"{file} holds {array.dtype}{list(array.shape)}, its index says {spec}")
     if verify:
         for name, expected in (info.get("sha256") or {}).items():
-            if sha256_file(path / name) != expected:
+            file = path / str(name)
+            try:
+                if Path(str(name)).name != name or not file.is_file():
+                    raise OSError("not a file of the shard")
+                digest = sha256_file(file)
+            except OSError as err:
+                raise StoreError(f"{file} is missing or unreadable ({err.strerror or err})") from None
+            if digest != expected:
                 raise StoreError(
                     f"{path / name} is corrupt: its SHA-256 differs from the one recorded when it was written"
                 )
@@ -176,7 +183,11 @@ def check_store_records(root: Path, meta: dict[str, Any]) -> None:
     for name, expected in (meta.get("sha256") or {}).items():
         path = root / ("shards" if name.startswith("shard-") else "") / name
         file = path / "index.json" if name.startswith("shard-") else path
-        if not file.is_file() or sha256_file(file) != expected:
+        try:
+            same = file.is_file() and sha256_file(file) == expected
+        except OSError:
+            same = False
+        if not same:
             raise StoreError(f"{file} is corrupt: its SHA-256 differs from the one store.json recorded")
 
 
