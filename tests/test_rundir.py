@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from latentdiff import rundir
+from latentdiff import rundir, runlock
 from latentdiff.errors import ConfigError, NothingToDo
-from latentdiff.rundir import LOCK, RunLock, run_dir
+from latentdiff.rundir import run_dir
+from latentdiff.runlock import LOCK, RunLock
 from latentdiff.training import run_training
 
 from .conftest import TINY_RUN, compose_config
@@ -46,7 +47,7 @@ def test_the_lock_is_held_while_the_run_lives_and_removed_after(tmp_path):
 def test_a_live_holder_on_this_host_keeps_the_lock(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _write_lock(tmp_path, pid=other.pid, process_start=rundir._process_start(other.pid))
+        _write_lock(tmp_path, pid=other.pid, process_start=runlock._process_start(other.pid))
         with pytest.raises(ConfigError, match=rf"in use by another run \(pid {other.pid} on "):
             RunLock(tmp_path).acquire()
     finally:
@@ -61,7 +62,7 @@ def test_a_live_holder_on_this_host_keeps_the_lock(tmp_path):
         ({"pid": 2**22 + 7}, 0, True),  # no such process on this host
         ({"pid": os.getpid(), "process_start": "1"}, 0, True),  # the pid was reused by another program
         ({"host": "elsewhere", "pid": 1}, 10, False),  # another host, fresh heartbeat
-        ({"host": "elsewhere", "pid": 1}, rundir.STALE_AFTER_S + 60, True),  # another host, no heartbeat
+        ({"host": "elsewhere", "pid": 1}, runlock.STALE_AFTER_S + 60, True),  # another host, no heartbeat
     ],
 )
 def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path, fields, age_s, stale):
@@ -264,7 +265,7 @@ def test_the_command_line_refuses_a_second_run_in_one_line(tmp_path):
     """The lock as a user meets it: a second train.py into a directory another live run holds."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        _write_lock(tmp_path / "busy", pid=holder.pid, process_start=rundir._process_start(holder.pid))
+        _write_lock(tmp_path / "busy", pid=holder.pid, process_start=runlock._process_start(holder.pid))
         (tmp_path / "busy" / "train.log").write_text("")  # the live run's log, empty so far: it stays
         proc = _run(tmp_path, [str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}/busy", *TINY_RUN])
     finally:

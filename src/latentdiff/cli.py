@@ -182,7 +182,8 @@ def hydra_entry(
         sys.exit(4 if isinstance(err, DiskFullError) else 2)
 
     def cleanup() -> None:
-        from latentdiff.rundir import release_claims, remove_new_run_dir
+        from latentdiff.rundir import remove_new_run_dir
+        from latentdiff.runlock import release_claims
 
         release_claims()  # this process's lock on its run directory: it is done with it
         hydra_cfg = HydraConfig.get()

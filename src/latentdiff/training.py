@@ -22,7 +22,8 @@ from latentdiff.loggers import RunCSVLogger
 from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
-from latentdiff.rundir import claim, no_resume, stopped_before_first_checkpoint
+from latentdiff.rundir import no_resume, stopped_before_first_checkpoint
+from latentdiff.runlock import claim
 from latentdiff.validation import validate_train_config
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _quiet_known_warnings() -> None:
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train the run described by `cfg` (composed from `conf/train.yaml`).
 
-    The run's first process claims its directory (`latentdiff.rundir.RunLock`) before it writes anything and
+    The run's first process claims its directory (`latentdiff.runlock.RunLock`) before it writes anything and
     releases it when the run ends, however it ends.
 
     Returns:
