@@ -128,9 +128,9 @@ def build(node: Any, where: str, key: str) -> Any:
         raise _refuse(where, f"{key}._target_={_show(target)}", f"is not a {key} class (one of {', '.join(roles)}*)")
     try:
         return _build(node)
-    except (ConfigError, OSError):  # one line already (a missing pretrained folder names what to download)
+    except (ConfigError, OSError, ValueError):  # one line naming the key already (`errors.user_errors`)
         raise
-    except Exception as err:  # a value the class refuses: TypeError, NotImplementedError, ValueError, ...
+    except Exception as err:  # what a class raises for a value it never expected: TypeError, NotImplementedError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{where}: {key} could not be built ({type(err).__name__}: {first})") from None
 
