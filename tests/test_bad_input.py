@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 from latentdiff.extract import run_extraction
 from latentdiff.sampling import run_sampling
@@ -23,7 +21,7 @@ from latentdiff.training import run_training
 
 from .artefacts import make_image_folder
 from .conftest import TINY_RUN, compose_config
-from .entries import entry as _entry
+from .entries import one_line_error
 from .entries import snapshot as _snapshot
 from .test_latents import compose_entry
 
@@ -200,21 +198,9 @@ def test_bad_input_is_one_line_nonzero_exit_and_changes_nothing(world, monkeypat
         tiny = [] if any(a.startswith("data=") for a in args) else TINY_RUN
         args = [f"paths.log_dir={world}/outputs", *tiny, *args]
     before = _snapshot(world)
-    monkeypatch.chdir(world)
-    monkeypatch.setattr(sys, "argv", [f"{entry}.py", *args])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
-    GlobalHydra.instance().clear()
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        _entry(entry)()
-    err = capfd.readouterr().err
-    assert exit_info.value.code not in (0, None), err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"error: {message}"), lines[0]
-    assert "Traceback" not in err
-    assert len(lines[0]) < 400, lines[0]  # one short line, whatever the value's length
+    line, code = one_line_error(entry, args, world, monkeypatch, capfd)
+    assert line.startswith(f"error: {message}"), line
+    assert len(line) < 400, line  # one short line, whatever the value's length
     assert _snapshot(world) == before  # nothing existing changed, nothing new written
     print(f"{entry}.py {' '.join(case).replace(str(world), '<w>')}")
-    print(f"  -> {lines[0].replace(str(world), '<w>')} (exit {exit_info.value.code})")
+    print(f"  -> {line.replace(str(world), '<w>')} (exit {code})")

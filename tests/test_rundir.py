@@ -92,30 +92,26 @@ def _claim(folder: str, barrier, results) -> None:
         results.put("refused")
 
 
-def test_two_processes_claiming_at_once_one_wins(tmp_path):
+def _race(folder: Path, n: int = 4) -> list[str]:
+    """`n` processes claim `folder` at once: their sorted outcomes."""
     ctx = mp.get_context("fork")  # the children need nothing new: no re-import (spawn costs a minute here)
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "run"), barrier, results)) for _ in range(4)]
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(folder), barrier, results)) for _ in range(n)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    outcomes = sorted(results.get(timeout=5) for _ in procs)
-    assert outcomes == ["refused", "refused", "refused", "won"]
+    return sorted(results.get(timeout=5) for _ in procs)
+
+
+def test_two_processes_claiming_at_once_one_wins(tmp_path):
+    assert _race(tmp_path / "run") == ["refused", "refused", "refused", "won"]
 
 
 def test_processes_taking_over_one_stale_lock_one_wins(tmp_path):
     """Four runs find the same stale lock (its process is gone): exactly one takes it over."""
     _write_lock(tmp_path / "run", pid=2**22 + 7)
-    ctx = mp.get_context("fork")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "run"), barrier, results)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    outcomes = sorted(results.get(timeout=5) for _ in procs)
-    assert outcomes == ["refused", "refused", "refused", "won"]
+    assert _race(tmp_path / "run") == ["refused", "refused", "refused", "won"]
 
 
 def test_a_lock_being_written_is_not_taken(tmp_path):
