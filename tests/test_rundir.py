@@ -282,3 +282,17 @@ def test_an_error_of_an_entry_without_a_run_directory_removes_nothing(tmp_path, 
         "evaluate", [f"samples={tmp_path}/missing.npz", "metrics=[isc]"], tmp_path, monkeypatch, capfd
     )
     assert code == 2 and "missing.npz" in line and snapshot(tmp_path) == before
+
+
+def test_after_an_error_a_new_run_directory_is_removed_unless_it_trained(tmp_path):
+    """The clean-up after an error removes a run directory this process made before any work; one whose run logged
+    steps (a disk that filled up mid-run) keeps its metrics and grids."""
+    untrained = Path(run_dir(str(tmp_path / "x"), None))
+    (untrained / "config.yaml").write_text("seed: 0\n")
+    (untrained / "metrics.csv").write_text("step,train/loss\n")
+    rundir.remove_new_run_dir(untrained)
+    assert not untrained.exists()
+    trained = Path(run_dir(str(tmp_path / "x"), None))
+    (trained / "metrics.csv").write_text("step,train/loss\n1,0.5\n")
+    rundir.remove_new_run_dir(trained)
+    assert (trained / "metrics.csv").is_file()
