@@ -237,8 +237,7 @@ def verify_checkpoint(path: str | Path, key: str = "ckpt") -> int:
         lzma.LZMAError,
         EOFError,
         ValueError,
-        NotImplementedError,
-        RuntimeError,
+        RuntimeError,  # NotImplementedError too (an unknown compression method)
         OSError,
     ) as err:
         others = [p.name for p in checkpoints(path.parent) if p.resolve() != path.resolve()]

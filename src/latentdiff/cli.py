@@ -157,6 +157,8 @@ def hydra_entry(
 
     from latentdiff.distributed import install_hydra_launch
     from latentdiff.module import NonFiniteError
+    from latentdiff.rundir import remove_new_run_dir, reset
+    from latentdiff.runlock import release_claims
 
     register_resolvers()
     install_hydra_launch()  # DDP ranks > 0 re-run this job (not the sweep) into the same directory
@@ -175,16 +177,11 @@ def hydra_entry(
     except (ConfigError, DiskFullError) as err:
         if debug:
             raise
-        from latentdiff.rundir import reset
-
         reset()
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(4 if isinstance(err, DiskFullError) else 2)
 
     def cleanup() -> None:
-        from latentdiff.rundir import remove_new_run_dir
-        from latentdiff.runlock import release_claims
-
         release_claims()  # this process's lock on its run directory: it is done with it
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -221,8 +218,6 @@ def hydra_entry(
             if debug or not (isinstance(err, DiskFullError) or err.errno == errno.ENOSPC):
                 raise
             fail(str(err) if isinstance(err, DiskFullError) else disk_full_message(err), 4)
-
-    from latentdiff.rundir import reset
 
     try:
         main()

@@ -289,8 +289,7 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
     mine = [k for k in range(num_shards) if k % world == rank]
     # a re-run (of a complete store, or of an interrupted extraction) verifies the checksums of the shards on disk
     # (hashing is fast next to encoding); a damaged shard is encoded again
-    if complete:
-        log.info("%s is a complete store: verifying the checksums of %d shards", out, len(mine))
+    log.info("%s: verifying the checksums of the shards on disk (%d for this rank)", out, len(mine))
     todo = [k for k in mine if not _shard_complete(out, k, verify=True)]
     if complete:
         if not todo and _store_records_hold(out):

@@ -162,11 +162,11 @@ def check_shard(path: Path, verify: bool = False) -> dict[str, Any]:
         for name, expected in (info.get("sha256") or {}).items():
             file = path / str(name)
             try:
-                if Path(str(name)).name != name or not file.is_file():
-                    raise OSError("not a file of the shard")
-                digest = sha256_file(file)
-            except OSError as err:
-                raise StoreError(f"{file} is missing or unreadable ({err.strerror or err})") from None
+                digest = sha256_file(file) if Path(str(name)).name == name and file.is_file() else None
+            except OSError:
+                digest = None
+            if digest is None:
+                raise StoreError(f"{file} is missing or unreadable (the shard's index records it)")
             if digest != expected:
                 raise StoreError(
                     f"{path / name} is corrupt: its SHA-256 differs from the one recorded when it was written"
