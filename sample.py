@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
-from latentdiff.sampling import run_sampling
+from latentdiff.sample import run_sampling
 
 if __name__ == "__main__":
     hydra_entry(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from latentdiff.cli import hydra_entry
 from latentdiff.rundir import check_location
-from latentdiff.training import train
+from latentdiff.train import train
 
 if __name__ == "__main__":
     hydra_entry(train, Path(__file__).resolve().parent / "conf", "train", precheck=check_location)

@@ -115,7 +115,8 @@ def identity_store(root: Path, items: int, channels: int, size: int, num_classes
     trained from it computes exactly what it computes on real latents; only the VAE posterior draw (one
     element-wise op per batch) is missing. Use with `vae=none data.channels=<channels>`.
     """
-    from latentdiff.data.store import FORMAT, VERSION, write_json_atomic, write_shard
+    from latentdiff.data.store import FORMAT, VERSION, write_shard
+    from latentdiff.files import write_json
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -134,7 +135,7 @@ def identity_store(root: Path, items: int, channels: int, size: int, num_classes
         "text": None,
         "vae": {"kind": "identity", "channels": channels, "scaling_factor": 1.0},
     }
-    write_json_atomic(root / "store.json", meta)
+    write_json(root / "store.json", meta)
     return root
 
 

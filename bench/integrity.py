@@ -4,7 +4,7 @@ per shard file).
     python bench/integrity.py [--params 286763172] [--store-gb 3] [--out outputs/bench/integrity.json]
 
 Checkpoint: a payload the size of a U-ViT-L/2 training checkpoint (weights, EMA, AdamW's two moments: 4 x the
-parameters in fp32) written with `atomic_torch_save`, read back with `torch.load` (what a resume does), and
+parameters in fp32) written with `save_checkpoint`, read back with `torch.load` (what a resume does), and
 verified with `verify_checkpoint` (what every load now adds). Store: `write_shard` (which hashes while it
 writes) against a plain `np.save` of the same arrays, then `verify_store`. Reads are timed warm (just written,
 in the page cache: the CPU cost of the check) and, when this process may drop the page cache (root on
@@ -44,7 +44,7 @@ def _timed(fn) -> float:
 
 
 def checkpoint(folder: Path, params: int) -> dict:
-    from latentdiff.checkpoint import atomic_torch_save, verify_checkpoint
+    from latentdiff.checkpoint import save_checkpoint, verify_checkpoint
 
     chunk = 16 * 2**20  # parameters per tensor (64 MB)
     sizes = [chunk] * (params // chunk) + ([params % chunk] if params % chunk else [])
@@ -54,7 +54,7 @@ def checkpoint(folder: Path, params: int) -> dict:
     }
     path = folder / "large.ckpt"
     start = time.perf_counter()
-    atomic_torch_save(payload, path)
+    save_checkpoint(payload, path)
     out = {"params": params, "write_s": time.perf_counter() - start, "bytes": path.stat().st_size}
     payload.clear()
     out["load_warm_s"] = _timed(lambda: torch.load(path, map_location="cpu", weights_only=True))
@@ -68,7 +68,8 @@ def checkpoint(folder: Path, params: int) -> dict:
 
 
 def store(folder: Path, gigabytes: float) -> dict:
-    from latentdiff.data.store import verify_store, write_json_atomic, write_shard
+    from latentdiff.data.store import verify_store, write_shard
+    from latentdiff.files import write_json
 
     item = (2, 8, 32, 32)  # ImageNet-256 SD-VAE moments and the flip: 32 KiB per item, fp16
     shard_size = 4096
@@ -102,7 +103,7 @@ def store(folder: Path, gigabytes: float) -> dict:
         "num_classes": 1000,
         "vae": {"kind": "AutoencoderKL"},
     }
-    write_json_atomic(root / "store.json", meta)
+    write_json(root / "store.json", meta)
     out = {"shards": shards, "write_hashed_s": write_s, "write_plain_s": plain_s}
     result = verify_store(root)
     out.update(bytes=result["bytes"], verify_warm_s=result["seconds"])

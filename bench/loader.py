@@ -33,7 +33,8 @@ from artefacts import TINY_VAE_FACTOR, make_tiny_vae  # noqa: E402  (tests/ hold
 
 def synthetic_store(root: Path, items: int, shard_size: int = 4096) -> Path:
     """A store of random fp16 moments written with the real shard writer, plus its store.json."""
-    from latentdiff.data.store import FORMAT, VERSION, write_json_atomic, write_shard
+    from latentdiff.data.store import FORMAT, VERSION, write_shard
+    from latentdiff.files import write_json
 
     rng = np.random.default_rng(0)
     shards = (items + shard_size - 1) // shard_size
@@ -53,7 +54,7 @@ def synthetic_store(root: Path, items: int, shard_size: int = 4096) -> Path:
         "text": None,
         "vae": {"kind": "identity"},
     }
-    write_json_atomic(root / "store.json", meta)
+    write_json(root / "store.json", meta)
     return root
 
 

@@ -44,7 +44,7 @@ def bench_sampling(batch: int) -> list[dict]:
     from hydra.utils import instantiate
 
     from latentdiff.generation import class_labels, module_sampler
-    from latentdiff.training import build_module
+    from latentdiff.train import build_module
 
     rows = []
     for model, (name, steps) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:

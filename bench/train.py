@@ -107,7 +107,7 @@ def batches_for(args: argparse.Namespace, model: str) -> list[int]:
 
 def lightning_run(args: argparse.Namespace, model: str, batch: int, precision: str, compile: str, extra=()) -> dict:
     """One `run_training` run; returns img/s over the timed steps and the warm-up wall time."""
-    from latentdiff.training import run_training
+    from latentdiff.train import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config([*run_overrides(args, model, batch, precision, compile), *extra], Path(tmp))
@@ -130,7 +130,7 @@ def bare_run(args: argparse.Namespace, model: str, batch: int, precision: str, c
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from latentdiff.data.order import generator_for
-    from latentdiff.training import build_module
+    from latentdiff.train import build_module
 
     warmup, steps = steps_for(args, model)
     with tempfile.TemporaryDirectory() as tmp:

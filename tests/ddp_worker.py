@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from latentdiff.distributed import trainer_batch
 from latentdiff.module import DiffusionModule
-from latentdiff.training import build_module
+from latentdiff.train import build_module
 from tests.conftest import compose_config
 
 GLOBAL_BATCH = 8

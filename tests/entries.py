@@ -16,15 +16,15 @@ def entry(name: str):
     """The `main` of an entry point: `hydra_entry` with the arguments its script passes."""
     if name == "train":
         from latentdiff.rundir import check_location
-        from latentdiff.training import train
+        from latentdiff.train import train
 
         return lambda: hydra_entry(train, CONF_DIR, "train", precheck=check_location)
     if name == "sample":
-        from latentdiff.sampling import run_sampling
+        from latentdiff.sample import run_sampling
 
         return lambda: hydra_entry(run_sampling, CONF_DIR, "sample", cleanup_run_dir=False, pass_overrides=True)
     if name == "evaluate":
-        from latentdiff.evaluation import run_evaluation
+        from latentdiff.evaluate import run_evaluation
 
         return lambda: hydra_entry(run_evaluation, CONF_DIR, "evaluate", cleanup_run_dir=False)
     if name == "extract":

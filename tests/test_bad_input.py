@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from latentdiff.extract import run_extraction
-from latentdiff.sampling import run_sampling
-from latentdiff.training import run_training
+from latentdiff.sample import run_sampling
+from latentdiff.train import run_training
 
 from .artefacts import make_image_folder
 from .conftest import TINY_RUN, compose_config

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from latentdiff.extract import run_extraction
 from latentdiff.models import build_backbone
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 
 from .artefacts import (
     TINY_VAE_FACTOR,

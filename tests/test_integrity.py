@@ -19,7 +19,7 @@ from latentdiff.checkpoint import verify_checkpoint
 from latentdiff.data import LatentDataModule, LatentStore, StoreError
 from latentdiff.errors import ConfigError
 from latentdiff.extract import run_extraction
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 from latentdiff.verify import main as verify_main
 
 from .artefacts import make_image_folder

@@ -20,8 +20,8 @@ from latentdiff.config import register_resolvers
 from latentdiff.data import ImageFolderSource, LatentDataModule, LatentStore, StoreError, center_crop_arr
 from latentdiff.errors import ConfigError
 from latentdiff.extract import run_extraction
-from latentdiff.sampling import run_sampling
-from latentdiff.training import run_training
+from latentdiff.sample import run_sampling
+from latentdiff.train import run_training
 
 from .artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
 from .conftest import CONF_DIR, compose_config

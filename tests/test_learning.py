@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from latentdiff.training import build_module, run_training
+from latentdiff.train import build_module, run_training
 
 
 def test_quickstart_loss_falls_on_held_out_noise_levels(compose_cfg):

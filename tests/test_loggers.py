@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentdiff.loggers import wandb_logged_in, wandb_logger
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 
 from .conftest import TINY_RUN
 

@@ -12,7 +12,7 @@ import torch_fidelity
 from omegaconf import OmegaConf
 
 from latentdiff.data import render_shapes
-from latentdiff.evaluation import run_evaluation
+from latentdiff.evaluate import run_evaluation
 from latentdiff.inception import Inception
 from latentdiff.metrics import NpzImages
 

@@ -16,7 +16,7 @@ from latentdiff.ema import EMA
 from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
 from latentdiff.module import compile_regions
-from latentdiff.training import build_module, run_training
+from latentdiff.train import build_module, run_training
 from latentdiff.validation import validate_train_config
 
 from .conftest import TINY_RUN

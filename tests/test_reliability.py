@@ -14,8 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from latentdiff.checkpoint import AtomicCheckpointIO, latest_checkpoint, load_checkpoint
+from latentdiff.checkpoint import load_checkpoint
 from latentdiff.errors import ConfigError
+from latentdiff.rundir import latest_checkpoint
+from latentdiff.train import AtomicCheckpointIO
 
 from .faults import weights
 
@@ -196,7 +198,7 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
 
     from latentdiff.export import export, load_exported
     from latentdiff.models import build_backbone
-    from latentdiff.training import run_training
+    from latentdiff.train import run_training
 
     from .conftest import TINY_RUN
 
@@ -233,7 +235,7 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
 
 
 def test_checkpoints_keep_the_last_k_and_last_is_the_latest(compose_cfg):
-    from latentdiff.training import run_training
+    from latentdiff.train import run_training
 
     from .conftest import TINY_RUN
 
@@ -246,7 +248,7 @@ def test_checkpoints_keep_the_last_k_and_last_is_the_latest(compose_cfg):
 
 def test_timed_checkpoints_refresh_last_ckpt(compose_cfg, monkeypatch):
     from latentdiff.callbacks import Checkpoint
-    from latentdiff.training import run_training
+    from latentdiff.train import run_training
 
     from .conftest import TINY_RUN
 
@@ -270,7 +272,7 @@ def test_sigusr2_checkpoints_then_hands_the_signal_to_the_requeue_handler(compos
     then calls the handler that was there before, once, after training stopped."""
     from hydra.utils import instantiate
 
-    from latentdiff.training import run_training
+    from latentdiff.train import run_training
     from tests.faults import Kill
 
     calls = []

@@ -19,7 +19,7 @@ from latentdiff import rundir, runlock
 from latentdiff.errors import ConfigError, NothingToDo
 from latentdiff.rundir import run_dir
 from latentdiff.runlock import LOCK, RunLock
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 
 from .conftest import TINY_RUN, compose_config
 from .entries import one_line_error, snapshot

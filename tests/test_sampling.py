@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from latentdiff.generation import class_labels, module_sampler
-from latentdiff.training import build_module, run_training
+from latentdiff.train import build_module, run_training
 
 from .artefacts import make_inception_weights
 from .conftest import TINY_RUN

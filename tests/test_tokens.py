@@ -20,15 +20,15 @@ from latentdiff.data import LatentStore, render_shapes
 from latentdiff.data.latents import LatentDataset
 from latentdiff.ema import EMA
 from latentdiff.errors import ConfigError
-from latentdiff.evaluation import run_evaluation
+from latentdiff.evaluate import run_evaluation
 from latentdiff.export import export, load_exported
 from latentdiff.extract import run_extraction
 from latentdiff.masking import MaskedTokens, unmask_loop
 from latentdiff.models import build_backbone
 from latentdiff.models.uvit2d import UVit2D
-from latentdiff.sampling import run_sampling
+from latentdiff.sample import run_sampling
 from latentdiff.text import FrozenCLIPTextEncoder
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 
 from .artefacts import (
     TINY_VQ_CODES,

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 
 from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
-from latentdiff.training import build_module, run_training
+from latentdiff.train import build_module, run_training
 
 from .conftest import TINY_RUN
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from latentdiff import trust
 from latentdiff.errors import ConfigError
 from latentdiff.export import export, load_exported
-from latentdiff.training import run_training
+from latentdiff.train import run_training
 
 from .conftest import CONF_DIR, TINY_RUN, compose_config
 from .entries import one_line_error, snapshot

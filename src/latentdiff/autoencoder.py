@@ -13,11 +13,15 @@ The tokenizer offers the discrete pair:
     images = vq.decode_tokens(ids)        # back to [-1, 1] pixels
 
 They are never trained and never written to a checkpoint (the Lightning module drops them from its
-state dict).
+state dict). The contract the rest of latentdiff uses is `Autoencoder` (what the backbone reads, what a latent
+store holds, how a batch becomes the backbone's input); the tokenizer is its sibling, not a branch.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +37,42 @@ _DTYPES = {
 }
 
 
-class IdentityAutoencoder(nn.Module):
+class Autoencoder(nn.Module):
+    """The autoencoder contract; the defaults are those of the continuous autoencoders (moments -> latents).
+
+    - `output_kind`: what the backbone reads, "latents" (float (B, C, h, w)) or "tokens" (int64 ids (B, h, w));
+      it equals the backbone's `input_kind`.
+    - `store_key`, `store_dtype`, `store_shape(size)`: the array a latent store holds per image view.
+    - `encode_for_store(images)`: (B, ...) that array for images in [-1, 1].
+    - `model_input(batch)`: the backbone's input from a batch of images or of stored arrays.
+    """
+
+    output_kind: ClassVar[str] = "latents"
+    store_key: ClassVar[str] = "moments"  # (n, F, 2C, h, w) float16: mean ++ logvar of each view
+    store_dtype: ClassVar[Any] = np.float16
+    latent_channels: int
+    downsample_factor: int
+
+    def store_shape(self, size: int) -> tuple[int, ...]:
+        """The stored array of one image view, for a latent grid of `size` x `size`."""
+        return (2 * self.latent_channels, size, size)
+
+    def encode_for_store(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2C, h, w) float16 moments of images in [-1, 1]."""
+        return self.encode_moments(images).to(torch.float16)
+
+    def token_facts(self) -> dict[str, int] | None:
+        """What a token store records of its tokenizer (store.json `tokens`); None for continuous latents."""
+        return None
+
+    def model_input(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents z (B, C, h, w) from a batch of stored moments or of images."""
+        if "moments" in batch:
+            return self.sample(batch["moments"], generator=generator)
+        return self.sample(self.encode_moments(batch["image"]), generator=generator)
+
+
+class IdentityAutoencoder(Autoencoder):
     """Pixel-space runs (`vae=none`): latents are the images themselves.
 
     Args:
@@ -72,7 +111,7 @@ class IdentityAutoencoder(nn.Module):
         return {"kind": "identity", "channels": self.latent_channels, "scaling_factor": self.scaling_factor}
 
 
-class FrozenAutoencoderKL(nn.Module):
+class FrozenAutoencoderKL(Autoencoder):
     """A frozen diffusers `AutoencoderKL` (e.g. `stabilityai/sd-vae-ft-ema`) that owns its scaling factor.
 
     Args:
@@ -147,7 +186,7 @@ class FrozenAutoencoderKL(nn.Module):
         }
 
 
-class FrozenVQModel(nn.Module):
+class FrozenVQModel(Autoencoder):
     """A frozen diffusers `VQModel` (a VQ-GAN such as aMUSEd's `amused/amused-256`, subfolder `vqvae`) that turns
     images into codebook ids and back.
 
@@ -164,7 +203,9 @@ class FrozenVQModel(nn.Module):
             configs read them); checked against the loaded VQ model.
     """
 
-    kind = "tokens"
+    output_kind = "tokens"
+    store_key = "tokens"  # (n, F, h, w) uint16 codebook ids of each view
+    store_dtype = np.uint16
 
     def __init__(
         self,
@@ -237,6 +278,24 @@ class FrozenVQModel(nn.Module):
             dec = self.vq.decode(quant.to(self.dtype), force_not_quantize=True).sample
         return self._from_vq(dec)
 
+    def store_shape(self, size: int) -> tuple[int, ...]:
+        return (size, size)
+
+    def token_facts(self) -> dict[str, int] | None:
+        return {"codebook_size": self.codebook_size, "downsample_factor": self.downsample_factor}
+
+    def encode_for_store(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int32 codebook ids (stored as uint16) of images in [-1, 1]."""
+        return self.encode_tokens(images).to(torch.int32)
+
+    def model_input(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token ids (B, h, w) from a batch of stored ids or of images."""
+        if "tokens" in batch:
+            return batch["tokens"]
+        if "image" not in batch:
+            raise ValueError("the run's vae is a VQ model but the data holds VAE moments; use a token store")
+        return self.encode_tokens(batch["image"])
+
     def describe(self) -> dict:
         """Identity of the tokenizer (for a token store's metadata; see `same_encoder`): the ids depend on the
         encoder, `quant_conv` and the codebook, so those are probed."""
@@ -256,9 +315,9 @@ class FrozenVQModel(nn.Module):
         }
 
 
-def is_tokenizer(autoencoder: nn.Module) -> bool:
+def is_tokenizer(autoencoder: Autoencoder) -> bool:
     """Whether the run's autoencoder turns images into discrete token ids (a masked-token run)."""
-    return getattr(autoencoder, "kind", None) == "tokens"
+    return autoencoder.output_kind == "tokens"
 
 
 def _probe(named: list[tuple[str, torch.Tensor]]) -> list[float]:

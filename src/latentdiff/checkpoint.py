@@ -1,11 +1,10 @@
-"""Checkpoints: atomic writes, safe reads, finding the one to resume from, and refusing the wrong one.
+"""Checkpoints: atomic writes, safe reads, corruption checks, and refusing to resume the wrong one.
 
-- `AtomicCheckpointIO` (Lightning's checkpoint plugin of every run): a checkpoint is written to a temporary
-  file in the same folder, flushed to disk and renamed over its name, so a crash mid-write leaves the
-  previous file intact and never a file that looks complete. Reads use `weights_only=True`.
+- `save_checkpoint`: written atomically (`files.save_torch`: a crash mid-write leaves the previous file intact
+  and never a file that looks complete), a full disk is one line. Reads use `weights_only=True`.
 - `load_checkpoint`: one-line errors for a missing, truncated or foreign file.
-- `latest_checkpoint(run_dir)`: the checkpoint of a run directory with the highest optimizer step
-  (`last.ckpt`, `step_*.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`); a truncated or corrupt one is passed over.
+- `checkpoints(run_dir)`: a run directory's checkpoint files (`last.ckpt`, `step_*.ckpt`, Lightning's SLURM
+  `hpc_ckpt_*.ckpt`); which one a run resumes from is `rundir.latest_checkpoint`.
 - `verify_checkpoint`: the CRC-32 of every zip record, which `torch.save` writes and `torch.load` never checks;
   every full read of a checkpoint or weights file verifies them.
 - `check_resumable(stored, cfg)`: resuming another backbone or data shape is an error naming the key.
@@ -13,26 +12,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import lzma
 import mmap
-import os
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-
 from latentdiff.errors import ConfigError, DiskFullError, disk_full_message
+from latentdiff.files import save_torch
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERNS = ("last.ckpt", "step_*.ckpt", "hpc_ckpt_*.ckpt", "preempted.ckpt")
+CHECKPOINT_PATTERNS = ("last.ckpt", "step_*.ckpt", "hpc_ckpt_*.ckpt")
 
 # config keys a resumed run must share with its checkpoint: they decide the parameters and their shapes
 RESUME_KEYS = (
@@ -46,25 +38,16 @@ RESUME_KEYS = (
 )
 
 
-def atomic_torch_save(payload: Any, path: str | Path) -> None:
-    """`torch.save` into `.<name>.tmp-<pid>` next to `path`, fsync, rename over `path`, fsync the folder.
-
-    The zip records get their CRC-32 (torch's default, set here explicitly), which `verify_checkpoint` checks.
+def save_checkpoint(payload: Any, path: str | Path) -> None:
+    """Write a checkpoint atomically with CRC-32s (`files.save_torch`), which `verify_checkpoint` checks.
 
     Raises:
         DiskFullError: the device is full; the temporary file is removed and an older `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with _crc32_on(), open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_torch(payload, path)
     except (OSError, RuntimeError) as err:  # torch's zip writer turns ENOSPC into a RuntimeError on close
-        tmp.unlink(missing_ok=True)
         full = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
         if full is None:
             raise
@@ -77,18 +60,6 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
             else "no checkpoint was written"
         )
         raise DiskFullError(errno.ENOSPC, disk_full_message(full, path, _payload_bytes(payload), kept)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened for fsync (some network file systems)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -100,22 +71,12 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         err = err.__cause__ or err.__context__
 
 
-@contextlib.contextmanager
-def _crc32_on() -> Iterator[None]:
-    from torch.serialization import get_crc32_options, set_crc32_options
-
-    before = get_crc32_options()
-    set_crc32_options(True)
-    try:
-        yield
-    finally:
-        set_crc32_options(before)
-
-
 def _payload_bytes(payload: Any, seen: set[int] | None = None) -> int:
     """The bytes of the tensor storages in a checkpoint payload, each counted once (what `torch.save` writes,
     give or take the metadata)."""
     seen = set() if seen is None else seen
+    import torch  # lazily: run-directory checks import this module before any heavy import
+
     if torch.is_tensor(payload):
         storage = payload.untyped_storage()
         if storage.data_ptr() in seen:
@@ -147,6 +108,8 @@ def read_torch_file(
     Raises:
         ConfigError: naming `key` and the file.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}={path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
@@ -278,18 +241,24 @@ def load_checkpoint(
     return ckpt
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint plugin with atomic writes and `weights_only` reads with one-line errors."""
+def backbone_weights(
+    state_dict: dict[str, Any], use_ema: bool | None = None, where: str = "the checkpoint"
+) -> tuple[dict[str, Any], str]:
+    """The backbone's weights in a training checkpoint's `state_dict`: its EMA copy or the trained ("raw") one.
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        atomic_torch_save(checkpoint, path)
+    Args:
+        use_ema: True: the EMA weights (an error without them); False: the raw ones; None: EMA when there is one.
+        where: what holds the checkpoint, for the message.
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        # any file Lightning reads through the plugin (ddp_spawn also passes plain weights this way);
-        # `run_training` verified the file it resumes from when it read its config
-        return read_torch_file(path, map_location=map_location or "cpu", verify=False)
+    Returns:
+        the state dict keyed for the backbone, and "ema" or "raw".
+    """
+    has_ema = any(k.startswith("ema.model.") for k in state_dict)
+    if use_ema and not has_ema:
+        raise ConfigError(f"use_ema=true but {where} has no EMA weights; use use_ema=false")
+    ema = has_ema if use_ema is None else use_ema
+    prefix = "ema.model." if ema else "backbone."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, "ema" if ema else "raw"
 
 
 def checkpoint_step(path: Path) -> int:
@@ -304,24 +273,6 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     """The checkpoint files of a run directory (not the FID-best one, which is not the run's latest state)."""
     run_dir = Path(run_dir)
     return sorted({p for pattern in CHECKPOINT_PATTERNS for p in run_dir.glob(pattern) if p.is_file()})
-
-
-def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
-    """The readable checkpoint of `run_dir` with the highest step (ties: the newest file); None if none.
-
-    Args:
-        verify: take the highest one whose CRC-32s match (`verify_checkpoint`), logging each corrupt one passed.
-    """
-    steps = [(checkpoint_step(p), p.stat().st_mtime, p) for p in checkpoints(run_dir)]
-    for _, _, path in sorted((s for s in steps if s[0] >= 0), reverse=True):
-        if not verify:
-            return path
-        try:
-            verify_checkpoint(path, "resume")
-            return path
-        except ConfigError as err:
-            log.warning("%s; continuing from the run's previous checkpoint instead", err)
-    return None
 
 
 # model keys that do not change the parameters (starting weights, gradient checkpointing)

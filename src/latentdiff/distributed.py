@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
@@ -29,6 +30,32 @@ from latentdiff.errors import ConfigError
 def rank_zero_process() -> bool:
     """False in the processes a launcher started for ranks > 0 (Lightning's DDP, torchrun, SLURM tasks)."""
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun or SLURM variables; (0, 1, 0) otherwise.
+
+    SLURM counts only inside an `srun` step (SLURM_STEP_NUM_TASKS): a batch script's own shell is one process
+    even when the job has several tasks.
+    """
+    slurm = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), slurm):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+    return 0, 1, 0
+
+
+def device_for(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of one process: `auto` is its GPU (`cuda:<local rank>`) when there is one, else the CPU.
+
+    Raises:
+        ConfigError: `device=cuda...` with no visible CUDA device.
+    """
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
 
 
 def per_rank_batch(global_batch: int, world_size: int, accumulate: int = 1) -> int:

@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A mistake in the run's configuration or inputs; the message is one line a user can act on."""
 
 
+class StoreError(ValueError):
+    """A latent store that cannot be used as asked (missing, incomplete, truncated or made differently)."""
+
+
 class RunInUse(ConfigError):
     """Another live run holds the run directory: this process must not touch it (not even to clean up)."""
 

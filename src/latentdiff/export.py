@@ -25,9 +25,9 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from latentdiff.checkpoint import load_checkpoint
+from latentdiff.checkpoint import backbone_weights, load_checkpoint
 from latentdiff.errors import ConfigError, user_errors
-from latentdiff.models import build_backbone, load_pretrained
+from latentdiff.models import Backbone, build_backbone, load_pretrained
 from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config
@@ -35,12 +35,6 @@ from latentdiff.validation import check_config
 log = logging.getLogger(__name__)
 
 INDEX = "model_index.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def backbone_folder(backbone: nn.Module) -> str:
-    """The folder name a diffusers pipeline would use: `unet` for the UNets, `transformer` for U-ViT."""
-    return "unet" if hasattr(backbone, "diffusers_cls") else "transformer"
 
 
 def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True, where: str = "ckpt") -> tuple[nn.Module, dict, str]:
@@ -51,13 +45,9 @@ def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True, where: str =
         raise ConfigError(f"{where}: the stored config has no model; it is not a latentdiff training checkpoint")
     model_cfg = dict(config["model"], pretrained=None)
     backbone = build_backbone(model_cfg, where)
-    state = ckpt["state_dict"]
-    has_ema = any(k.startswith("ema.model.") for k in state)
-    if use_ema and not has_ema:
-        raise ConfigError("use_ema=true but the checkpoint has no EMA weights; use use_ema=false")
-    prefix = "ema.model." if use_ema else "backbone."
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return backbone.eval(), model_cfg, "ema" if use_ema else "raw"
+    weights, kind = backbone_weights(ckpt["state_dict"], use_ema)
+    backbone.load_state_dict(weights)
+    return backbone.eval(), model_cfg, kind
 
 
 def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict[str, Any]:
@@ -84,7 +74,6 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
         },
     }
     record["_latentdiff"]["config"]["model"] = model_cfg
-    folder = backbone_folder(backbone)
     diffusion = config.get("diffusion") or {}
     scheduler = build(diffusion["scheduler"], where, "diffusion.scheduler") if diffusion.get("scheduler") else None
     tmp = out.with_name(f".{out.name}.tmp-export")
@@ -92,7 +81,7 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, backbone, folder, model_cfg, scheduler, record)
+        _write(tmp, backbone, model_cfg, scheduler, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -103,26 +92,12 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     return record
 
 
-def _write(tmp: Path, backbone: nn.Module, folder: str, model_cfg: dict, scheduler: Any, record: dict) -> None:
+def _write(tmp: Path, backbone: Backbone, model_cfg: dict, scheduler: Any, record: dict) -> None:
     """The export folder's files, into `tmp`; `record` gets the entry of each component."""
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(tmp / "backbone.safetensors"), metadata={"latentdiff_model": json.dumps(model_cfg)})
-    if folder == "unet":
-        backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        record["unet"] = ["diffusers", type(backbone.unet).__name__]
-    elif hasattr(backbone, "load_diffusers"):  # UVit2D: a diffusers UVit2DModel folder (aMUSEd's transformer/)
-        backbone.transformer.save_pretrained(tmp / folder, safe_serialization=True)
-        record[folder] = ["diffusers", type(backbone.transformer).__name__]
-    else:
-        (tmp / folder).mkdir()
-        save_file(state, str(tmp / folder / WEIGHTS))
-        arguments = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
-        (tmp / folder / "config.json").write_text(
-            json.dumps(
-                {"_class_name": type(backbone).__name__, "_target_": model_cfg["_target_"], **arguments}, indent=2
-            )
-        )
-        record[folder] = ["latentdiff.models.uvit", type(backbone).__name__]
+    folder = backbone.export_folder
+    record[folder] = list(backbone.save_diffusers(tmp / folder, model_cfg))
     if scheduler is not None:
         scheduler.save_pretrained(tmp / "scheduler")
         record["scheduler"] = ["diffusers", type(scheduler).__name__]

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,20 +32,19 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from latentdiff.autoencoder import is_tokenizer
 from latentdiff.data.store import (
     FORMAT,
     VERSION,
-    StoreError,
     check_shard,
     check_store_records,
     read_store_meta,
     sha256_file,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
-from latentdiff.errors import ConfigError, user_errors
+from latentdiff.distributed import device_for, dist_env
+from latentdiff.errors import ConfigError, StoreError, user_errors
+from latentdiff.files import save_array, write_json
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config
 
@@ -57,27 +55,6 @@ _SKIPPED_LISTED = 20  # unreadable files named in store.json (all are in the sha
 def _items(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """collate_fn: keep the list of source items (images may be None when unreadable)."""
     return batch
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun or SLURM variables; (0, 1, 0) otherwise.
-
-    SLURM counts only inside an `srun` step (SLURM_STEP_NUM_TASKS): a batch script's own shell is one process
-    even when the job has several tasks.
-    """
-    slurm = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
-    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), slurm):
-        if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
-    return 0, 1, 0
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
 
 
 def _prepare_out(out: Path, plan: dict[str, Any]) -> bool:
@@ -102,7 +79,7 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> bool:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out={out} is not empty and is not a latent store; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan_file, plan)
+    write_json(plan_file, plan)
     return False
 
 
@@ -139,7 +116,6 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
         collate_fn=_items,
     )
     views = 2 if cfg.flip else 1
-    tokens = is_tokenizer(autoencoder)  # VQ token ids (uint16) instead of VAE moments (fp16)
     encoded, labels, sources, skipped = [], [], [], []
     text, offsets, captions = [], [0], []
     for batch in loader:
@@ -150,12 +126,9 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
             if views == 2:
                 x = torch.cat([x, x.flip(-1)])  # (2b, 3, H, W): images, then their mirror images
-            if tokens:
-                m = autoencoder.encode_tokens(x).to(torch.int32)  # (Fb, h, w) codebook ids
-            else:
-                m = autoencoder.encode_moments(x).to(torch.float16)  # (Fb, 2C, h, w)
+            m = autoencoder.encode_for_store(x)  # (Fb, 2C, h, w) VAE moments or (Fb, h, w) VQ codebook ids
             m = m.view(views, len(good), *m.shape[1:]).transpose(0, 1)  # (b, F, 2C, h, w) or (b, F, h, w)
-            encoded.append(m.cpu().numpy().astype(np.uint16) if tokens else m.cpu().numpy())
+            encoded.append(m.cpu().numpy().astype(autoencoder.store_dtype, copy=False))
             labels += [it["label"] for it in good]
             sources += [it["index"] for it in good]
             if text_encoder is not None:
@@ -168,17 +141,12 @@ def _encode_shard(source, items: range, autoencoder, text_encoder, cfg, device, 
                 captions += caps
         bar.update(len(batch))
     count = len(sources)
-    key = "tokens" if tokens else "moments"
+    key = autoencoder.store_key
     if encoded:
         arrays = {key: np.concatenate(encoded)}
     else:  # every file of the shard was unreadable: an empty shard of the right shape
-        c, f = autoencoder.latent_channels, autoencoder.downsample_factor
-        size = source.resolution // f
-        arrays = {
-            key: np.zeros((0, views, size, size), np.uint16)
-            if tokens
-            else np.zeros((0, views, 2 * c, size, size), np.float16)
-        }
+        size = source.resolution // autoencoder.downsample_factor
+        arrays = {key: np.zeros((0, views, *autoencoder.store_shape(size)), autoencoder.store_dtype)}
     info: dict[str, Any] = {"count": count, "source_indices": sources, "skipped": skipped}
     if text_encoder is None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
@@ -197,8 +165,7 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     infos = [check_shard(out / "shards" / shard_name(k)) for k in range(num_shards)]
     skipped = [s for info in infos for s in info["skipped"]]
-    tokens = is_tokenizer(autoencoder)
-    key = "tokens" if tokens else "moments"
+    key = autoencoder.store_key
     shape = next(info["arrays"][key]["shape"] for info in infos)
     f = autoencoder.downsample_factor
     meta = {
@@ -210,8 +177,8 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
         "resolution": resolution,
         "latent_shape": [autoencoder.latent_channels, resolution // f, resolution // f],
         f"{key}_shape": shape[1:],
-        f"{key}_dtype": "uint16" if tokens else "float16",
-        "tokens": {"codebook_size": autoencoder.codebook_size, "downsample_factor": f} if tokens else None,
+        f"{key}_dtype": np.dtype(autoencoder.store_dtype).name,
+        "tokens": autoencoder.token_facts(),
         "views": plan["views"],
         "vae": plan["vae"],
         "num_classes": len(plan["source"]["classes"]) if plan["source"].get("classes") else 0,
@@ -225,15 +192,13 @@ def _finalize(out: Path, plan: dict[str, Any], num_shards: int, autoencoder, tex
     }
     if text_encoder is not None:
         empty = text_encoder([""])[0].to(torch.float16).cpu().numpy()  # (L, D): the null condition for CFG
-        tmp = out / f".empty_text.tmp-{os.getpid()}.npy"
-        np.save(tmp, empty)
-        os.replace(tmp, out / "empty_text.npy")
+        save_array(out / "empty_text.npy", empty)
     # checksums of what the shards' own records do not cover (`python -m latentdiff.verify` checks them all)
     shards = out / "shards"
     meta["sha256"] = {shard_name(k): sha256_file(shards / shard_name(k) / "index.json") for k in range(num_shards)}
     if text_encoder is not None:
         meta["sha256"]["empty_text.npy"] = sha256_file(out / "empty_text.npy")
-    write_json_atomic(out / "store.json", meta)
+    write_json(out / "store.json", meta)
     return meta
 
 
@@ -253,7 +218,7 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"data={cfg.data._target_} is not an image source; use data=imagenet_folder or coco_captions"
             )
-        device = _device(str(cfg.device), local_rank)
+        device = device_for(str(cfg.device), local_rank)
         autoencoder = instantiate(cfg.vae).to(device)
         text_encoder = instantiate(cfg.text_encoder).to(device) if cfg.get("text_encoder") else None
         if source.kind == "coco_captions" and text_encoder is None:
@@ -263,7 +228,7 @@ def run_extraction(cfg: DictConfig) -> dict[str, Any]:
             )
         if source.kind != "coco_captions" and text_encoder is not None:
             raise ConfigError(f"text_encoder={cfg.text_encoder._target_} needs captions; data={source.kind} has none")
-        if is_tokenizer(autoencoder) and autoencoder.codebook_size > 65536:
+        if autoencoder.store_dtype == np.uint16 and autoencoder.codebook_size > 65536:
             raise ConfigError(
                 f"vae={autoencoder.pretrained} has {autoencoder.codebook_size} codes; token stores hold uint16 ids "
                 "(at most 65536 codes)"

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from latentdiff.errors import ConfigError
+from latentdiff.models.contract import Backbone
 
 # The text length a text-conditional UNet is counted with when the config names none (CLIP's 77 tokens).
 DEFAULT_TEXT_LEN = 77
@@ -95,30 +96,14 @@ def dummy_cond(
     device: torch.device | str | None = None,
     text_len: int = DEFAULT_TEXT_LEN,
 ) -> torch.Tensor | None:
-    """A zero condition of the kind `model.forward(x, t, cond)` takes; None for an unconditional model.
-
-    U-ViT: (B,) class ids when `num_classes > 0`, (B, num_clip_token, clip_dim) text features when
-    `clip_dim` is set. `UNet`: (B,) class ids when it has a class table. `UNetCond`: (B, text_len, D) text
-    features, D = `encoder_hid_dim` or `cross_attention_dim`.
-    """
+    """A zero condition of the kind `model.forward(x, t, cond)` takes (`Backbone.dummy_cond`), on the model's
+    device and in its float type unless `device` is given; None for an unconditional model (and for a module
+    that is not a `Backbone`: counted unconditionally)."""
+    if not isinstance(model, Backbone):
+        return None
     default_device, dtype = _device_and_dtype(model)
     device = torch.device(device) if device is not None else default_device
-    unet = getattr(model, "unet", None)
-    if unet is not None and hasattr(model, "diffusers_cls"):  # latentdiff.models.unet wrappers
-        config = unet.config
-        if "cross_attention_dim" in config:  # UNet2DConditionModel: text features through cross-attention
-            dim = config.encoder_hid_dim if config.get("encoder_hid_dim") is not None else config.cross_attention_dim
-            return torch.zeros(batch_size, text_len, int(dim), device=device, dtype=dtype)
-        if unet.class_embedding is not None and config.get("class_embed_type") in (None, "timestep"):
-            return torch.zeros(batch_size, dtype=torch.long, device=device)
-        return None
-    num_classes = getattr(model, "num_classes", None)
-    if isinstance(num_classes, int) and num_classes > 0:
-        return torch.zeros(batch_size, dtype=torch.long, device=device)
-    if getattr(model, "clip_dim", None) is not None:
-        tokens = getattr(model, "num_clip_token", text_len)
-        return torch.zeros(batch_size, tokens, model.clip_dim, device=device, dtype=dtype)
-    return None
+    return model.dummy_cond(batch_size, device, dtype, text_len)
 
 
 def _count(
@@ -128,7 +113,7 @@ def _count(
     from torch.utils.flop_counter import FlopCounterMode
 
     _, dtype = _device_and_dtype(model)
-    if getattr(model, "token_input", False):  # a token backbone (UVit2D) reads ids (B, h, w)
+    if isinstance(model, Backbone) and model.input_kind == "tokens":  # a token backbone (UVit2D) reads ids (B, h, w)
         x = torch.zeros(batch_size, *input_shape[-2:], device=device, dtype=torch.long)
     else:
         x = torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
@@ -212,7 +197,7 @@ def config_cost(cfg: DictConfig) -> ModelCost:
         with torch.device("meta"):
             backbone = build_backbone(OmegaConf.create(model_cfg))
     cond = dummy_cond(backbone, 1, "meta", int(text_len))
-    shape = (size, size) if getattr(backbone, "token_input", False) else (channels, size, size)  # ids: (h, w)
+    shape = (size, size) if backbone.input_kind == "tokens" else (channels, size, size)  # ids: (h, w)
     with _config_errors():
         return model_cost(backbone, shape, cond)
 

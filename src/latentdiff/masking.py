@@ -131,7 +131,7 @@ def check_token_run(backbone: Any, autoencoder: Any, objective: Any) -> None:
     """Raise one line when the backbone, the VQ model and the masked-token objective do not fit together."""
     tokens = [
         ("diffusion", isinstance(objective, MaskedTokens), "diffusion=masked_tokens"),
-        ("model", bool(getattr(backbone, "token_input", False)), "model=uvit2d or uvit2d_tiny"),
+        ("model", backbone.input_kind == "tokens", "model=uvit2d or uvit2d_tiny"),
         ("vae", is_tokenizer(autoencoder), "vae=vq_amused256, vq_local or vq_tiny"),
     ]
     if not any(is_token for _, is_token, _ in tokens):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from latentdiff.files import replacing, write_json
 from latentdiff.inception import FID_LAYER, ISC_LAYER, Inception
 
 METRICS = ("fid", "isc", "kid", "prc")
@@ -233,17 +233,10 @@ def _cached_features(
             }, cache_file
     features = inception.features(images.batches(), total=len(images))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.stem}.tmp-{os.getpid()}.npz")
         stats = fid_features_to_statistics(features[FID_LAYER])
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], **{k: v.numpy() for k, v in features.items()})
-        info, info_tmp = (
-            cache_file.with_suffix(".json"),
-            cache_file.with_name(f".{cache_file.stem}.tmp-{os.getpid()}.json"),
-        )
-        info_tmp.write_text(json.dumps({**ident, "count": len(images)}, indent=1))
-        info_tmp.replace(info)
-        tmp.replace(cache_file)  # last: a cache file is always complete and described
+        write_json(cache_file.with_suffix(".json"), {**ident, "count": len(images)})
+        with replacing(cache_file) as f:  # last: a cache file is always complete and described
+            np.savez(f, mu=stats["mu"], sigma=stats["sigma"], **{k: v.numpy() for k, v in features.items()})
     return features, cache_file
 
 

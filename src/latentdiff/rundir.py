@@ -8,6 +8,8 @@ an error.
   (a run that trained without saving a checkpoint cannot be continued, and is left as it is).
 - The lock that keeps two runs out of one directory is `runlock.py`; a single run takes it here, before
   Hydra writes into its directory (`claim_before_hydra`).
+- `latest_checkpoint(run_dir)`: the checkpoint a resumed run continues from (the highest step; a truncated or
+  corrupt one is passed over).
 - `NEW_RUN_DIRS`: the directories this process created; only those (and the empty parents it made) are removed
   after an error.
 """
@@ -17,15 +19,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import logging
 import os
 import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from latentdiff.checkpoint import checkpoints
+from latentdiff.checkpoint import checkpoint_step, checkpoints, verify_checkpoint
 from latentdiff.errors import ConfigError, DiskFullError, shorten
 from latentdiff.runlock import LOCK, claim, release_claims
+
+log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 1 << 20  # a run directory needs at least this much to start (Hydra's record, the config)
 
@@ -35,6 +40,25 @@ _REMEMBER = False
 # run directories this process chose as new ones, and the parents it made for them: only those may be removed
 NEW_RUN_DIRS: set[str] = set()
 _MADE_PARENTS: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------ resume lookup
+def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
+    """The readable checkpoint of `run_dir` with the highest step (ties: the newest file); None if none.
+
+    Args:
+        verify: take the highest one whose CRC-32s match (`verify_checkpoint`), logging each corrupt one passed.
+    """
+    steps = [(checkpoint_step(p), p.stat().st_mtime, p) for p in checkpoints(run_dir)]
+    for _, _, path in sorted((s for s in steps if s[0] >= 0), reverse=True):
+        if not verify:
+            return path
+        try:
+            verify_checkpoint(path, "resume")
+            return path
+        except ConfigError as err:
+            log.warning("%s; continuing from the run's previous checkpoint instead", err)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ naming

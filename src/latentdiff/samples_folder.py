@@ -13,7 +13,6 @@ captions.txt          text models: the caption of each index, one per line
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentdiff.data.store import write_json_atomic
 from latentdiff.errors import ConfigError, shorten
+from latentdiff.files import replacing, save_array, write_json
 
 # keys of samples.json that may differ when a folder is resumed or extended
 NOT_IDENTITY = ("num_samples", "batch_size", "versions", "complete")
@@ -69,10 +68,8 @@ def done_indices(out: Path) -> set[int]:
 def write_part(out: Path, rank: int, indices: list[int], images: np.ndarray, conds: list[Any]) -> None:
     parts = out / "parts"
     name = f"r{rank:03d}-{indices[0]:08d}"
-    tmp = parts / f".{name}.tmp-{os.getpid()}.npy"
-    np.save(tmp, images)
-    os.replace(tmp, parts / f"{name}.npy")
-    write_json_atomic(parts / f"{name}.json", {"indices": indices, "conds": conds})  # last: marks the part done
+    save_array(parts / f"{name}.npy", images)
+    write_json(parts / f"{name}.json", {"indices": indices, "conds": conds})  # last: marks the part done
 
 
 def write_pngs(out: Path, indices: list[int], images: np.ndarray) -> None:
@@ -80,9 +77,9 @@ def write_pngs(out: Path, indices: list[int], images: np.ndarray) -> None:
 
     folder = out / "images"
     for i, image in zip(indices, images):
-        tmp = folder / f".{i:06d}.tmp-{os.getpid()}.png"
-        torchvision.io.write_png(torch.from_numpy(image).permute(2, 0, 1).contiguous(), str(tmp))
-        os.replace(tmp, folder / f"{i:06d}.png")
+        png = torchvision.io.encode_png(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+        with replacing(folder / f"{i:06d}.png") as f:
+            f.write(png.numpy().tobytes())
 
 
 def assemble(out: Path, num_samples: int, class_conditional: bool) -> Path | None:
@@ -102,9 +99,9 @@ def assemble(out: Path, num_samples: int, class_conditional: bool) -> Path | Non
         return None
     first = np.load(where[0][0], mmap_mode="r")
     shape = (num_samples, *first.shape[1:])
-    path, tmp = out / "samples.npz", out / f".samples.npz.tmp-{os.getpid()}"
+    path = out / "samples.npz"
     maps: dict[Path, np.ndarray] = {}
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with replacing(path) as npz, zipfile.ZipFile(npz, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for start in range(0, num_samples, 256):
@@ -118,7 +115,6 @@ def assemble(out: Path, num_samples: int, class_conditional: bool) -> Path | Non
         if class_conditional:
             with zf.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray([conds[i] for i in range(num_samples)], dtype=np.int64))
-    os.replace(tmp, path)
     if not class_conditional and any(isinstance(conds[i], str) for i in range(num_samples)):
         (out / "captions.txt").write_text("".join(str(conds[i]).replace("\n", " ") + "\n" for i in range(num_samples)))
     return path

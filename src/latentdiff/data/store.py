@@ -36,27 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from latentdiff.errors import StoreError
+
 FORMAT = "latentdiff-latents"
 VERSION = 1
 _ARRAYS = ("moments", "tokens", "labels", "text", "text_offsets")
 
 
-class StoreError(ValueError):
-    """A latent store that cannot be used as asked (missing, incomplete, truncated or made differently)."""
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(root: Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Path:

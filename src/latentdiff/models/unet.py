@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
-from torch import nn
+
+from latentdiff.models.contract import Backbone
+from latentdiff.utils import artefact_not_loaded
 
 
 def _as_plain(value: Any) -> Any:
@@ -53,10 +55,11 @@ def _check_kwargs(cls: type[ModelMixin], kwargs: dict[str, Any]) -> dict[str, An
     return kwargs
 
 
-class _DiffusersUNet(nn.Module):
+class _DiffusersUNet(Backbone):
     """Shared glue: build or load the diffusers model; timesteps to (B,); class ids with the null class."""
 
     diffusers_cls: ClassVar[type[ModelMixin]]
+    export_folder = "unet"
 
     def __init__(self, gradient_checkpointing: bool = False, channels_last: bool = False, **unet_kwargs: Any) -> None:
         super().__init__()
@@ -89,6 +92,28 @@ class _DiffusersUNet(nn.Module):
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Write a diffusers folder (config.json + safetensors weights) that `from_pretrained` reads."""
         self.unet.save_pretrained(path, **kwargs)
+
+    def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
+        """An ordinary diffusers folder of the wrapped UNet (what `diffusers.<class>.from_pretrained` reads)."""
+        self.unet.save_pretrained(folder, safe_serialization=True)
+        return "diffusers", type(self.unet).__name__
+
+    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
+        """The state dict of a diffusers folder of the wrapped UNet class, keyed `unet.<diffusers key>`."""
+        try:
+            unet = self.diffusers_cls.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise artefact_not_loaded(key, str(folder), err) from None
+        return {f"unet.{k}": v for k, v in unet.state_dict().items()}
+
+    def dummy_cond(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, text_len: int
+    ) -> torch.Tensor | None:
+        """Class ids when the UNet has a class table it reads from ids (not a timestep-like embedding)."""
+        config = self.unet.config
+        if self.unet.class_embedding is not None and config.get("class_embed_type") in (None, "timestep"):
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        return None
 
     @property
     def condition(self) -> str:
@@ -170,6 +195,17 @@ class UNetCond(_DiffusersUNet):
 
     diffusers_cls = UNet2DConditionModel
     condition = "text"  # cond: (B, L, D) text features for the cross-attention
+
+    def text_shape(self, text_len: int) -> tuple[int, int]:
+        """(text_len, D): any length; D is `encoder_hid_dim` when set, else `cross_attention_dim`."""
+        config = self.unet.config
+        dim = config.encoder_hid_dim if config.get("encoder_hid_dim") is not None else config.cross_attention_dim
+        return text_len, int(dim)
+
+    def dummy_cond(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, text_len: int
+    ) -> torch.Tensor | None:
+        return Backbone.dummy_cond(self, batch_size, device, dtype, text_len)  # text features, not class ids
 
     def forward(
         self,

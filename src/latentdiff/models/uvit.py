@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from latentdiff.models.contract import Backbone
+
 SKIP_MODES = ("concat_linear", "add", "linear_skip_add", "linear_after_add", "none")
 CONV_MODES = ("after", "before", "none")
 TIME_CONDS = ("token", "adaln")
@@ -172,7 +174,7 @@ class PatchEmbed(nn.Module):
         return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, H W / P^2, D)
 
 
-class UViT(nn.Module):
+class UViT(Backbone):
     """U-ViT noise-prediction backbone.
 
     Args (the official names and defaults, then the ablation switches):
@@ -309,9 +311,9 @@ class UViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names the official recipe exempts from weight decay."""
-        return {"pos_embed"}
+    def text_shape(self, text_len: int) -> tuple[int, int]:
+        """(num_clip_token, clip_dim): U-ViT's text tokens have a fixed length."""
+        return self.num_clip_token, self.clip_dim
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor | float | int, cond: torch.Tensor | None = None

@@ -37,6 +37,9 @@ import torch.utils.checkpoint
 from diffusers import UVit2DModel
 from torch import nn
 
+from latentdiff.models.contract import Backbone
+from latentdiff.utils import artefact_not_loaded
+
 
 def vocab_error(vocab: int, codebook: int) -> str:
     """The one-line error of a vocabulary with no room for the mask id after the codebook's ids."""
@@ -46,7 +49,7 @@ def vocab_error(vocab: int, codebook: int) -> str:
     )
 
 
-class UVit2D(nn.Module):
+class UVit2D(Backbone):
     """Args:
     num_class_embeds: rows of the class tables (classes + 1 for the null class); <= 0 or None: no classes.
     text_conditioning: cond is text features (B, L, encoder_hidden_size).
@@ -57,7 +60,7 @@ class UVit2D(nn.Module):
     **uvit_kwargs: any `UVit2DModel` constructor argument, by its diffusers name.
     """
 
-    token_input = True  # the input is token ids (B, h, w), not a float latent (B, C, h, w)
+    input_kind = "tokens"  # the input is token ids (B, h, w), not a float latent (B, C, h, w)
 
     def __init__(
         self,
@@ -113,9 +116,8 @@ class UVit2D(nn.Module):
         # what `cond` is (the backbone contract): class ids, text features or nothing; and the class rows
         self.condition = "text" if text_conditioning else "class" if self.num_classes > 0 else "none"
         self.class_rows = self.num_classes + 1 if self.num_classes > 0 else 0
-        if self.text_conditioning:
-            self.clip_dim = hidden  # what `latentdiff.flops.dummy_cond` builds text features with
-        else:
+        self.text_dim = hidden
+        if not self.text_conditioning:
             rows = self.num_classes + 1 if self.num_classes > 0 else 1  # classes + null, or one unconditional row
             self.class_context = nn.Embedding(rows, hidden)  # the one token the cross-attention reads
             self.class_pooled = nn.Embedding(rows, pooled)
@@ -162,9 +164,40 @@ class UVit2D(nn.Module):
         micro = self.micro_conds.expand(ids.shape[0], -1)  # (B, k)
         return self.transformer(ids, encoder_hidden_states=context, pooled_text_emb=pooled, micro_conds=micro)
 
-    def load_diffusers(self, path: str | Path) -> dict[str, torch.Tensor]:
+    def text_shape(self, text_len: int) -> tuple[int, int]:
+        """(text_len, encoder_hidden_size): the store's text features, any length."""
+        return text_len, self.text_dim
+
+    def check_text_features(self, meta: dict[str, Any], key: str) -> None:
+        """The pooled embedding is read from the last feature row exactly when the store's text encoder wrote one
+        there (`text_encoder.pooled=true`).
+
+        Raises:
+            ValueError: one line naming `model.pooled_text`, the store (`key`) and what to set.
+        """
+        if not self.text_conditioning or not meta:
+            return
+        stored = bool(meta.get("pooled"))
+        if self.pooled_text != stored:
+            held = "ends with the pooled embedding" if stored else "holds no pooled embedding (hidden states only)"
+            raise ValueError(
+                f"model.pooled_text={str(self.pooled_text).lower()} but {key}'s text features {held}; set "
+                f"model.pooled_text={str(stored).lower()}"
+                + ("" if stored else " or extract with text_encoder.pooled=true (aMUSEd: text_encoder=amused)")
+            )
+
+    def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
+        """A diffusers `UVit2DModel` folder (as aMUSEd's `transformer/`); the class tables are only in the
+        export's backbone.safetensors."""
+        self.transformer.save_pretrained(folder, safe_serialization=True)
+        return "diffusers", type(self.transformer).__name__
+
+    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
         """The state dict of a `UVit2DModel` folder (e.g. aMUSEd's `transformer/`), keyed for this wrapper."""
-        model = UVit2DModel.from_pretrained(path)
+        try:
+            model = UVit2DModel.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise artefact_not_loaded(key, str(folder), err) from None
         return {f"transformer.{k}": v for k, v in model.state_dict().items()}
 
 

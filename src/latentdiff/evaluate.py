@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentdiff.data.store import write_json_atomic
+from latentdiff.distributed import device_for
 from latentdiff.errors import ConfigError, user_errors
+from latentdiff.files import write_json
 from latentdiff.inception import Inception
 from latentdiff.metrics import (
     METRICS,
@@ -30,14 +30,6 @@ from latentdiff.validation import check_config
 log = logging.getLogger(__name__)
 
 _SAMPLE_PROVENANCE = ("checkpoint", "global_step", "weights", "sampler", "seed", "labels", "prompts", "precision")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
 
 
 def _validate(cfg: DictConfig) -> list[str]:
@@ -76,7 +68,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"fidelity.kid_subset_size={subset} is more than the {n} samples; set it to <= {n}")
         if cfg.get("reference") is not None:
             check_reference(cfg.reference)  # a wrong path or bad statistics fail before the Inception weights load
-        inception = Inception(cfg.get("inception_weights"), _device(str(cfg.device)), int(cfg.batch_size))
+        inception = Inception(cfg.get("inception_weights"), device_for(str(cfg.device)), int(cfg.batch_size))
         reference = None
         if cfg.get("reference") is not None:
             need_features = any(m in metrics for m in ("kid", "prc"))
@@ -105,7 +97,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     print(json.dumps(record, sort_keys=True), flush=True)
     out = Path(cfg.out) if cfg.get("out") else _samples_dir(Path(cfg.samples)) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, record)
+    write_json(out, record)
     with open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
     return record

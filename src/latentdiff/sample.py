@@ -17,13 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from latentdiff.checkpoint import load_checkpoint
-from latentdiff.data.store import LatentStore, write_json_atomic
+from latentdiff.checkpoint import backbone_weights, load_checkpoint
+from latentdiff.data.store import LatentStore
 from latentdiff.diffusion import null_condition
+from latentdiff.distributed import device_for, dist_env
 from latentdiff.errors import ConfigError, user_errors
-from latentdiff.extract import dist_env
+from latentdiff.files import write_json
 from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
-from latentdiff.masking import check_text_rows, check_token_run
+from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone, check_fits
 from latentdiff.samples_folder import assemble, check_out, done_indices, write_part, write_pngs
 from latentdiff.trust import STORED_GROUPS, build, check_stored
@@ -92,19 +93,14 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
     backbone = build_backbone(run.model, where)
     model_name = f"model={run.model._target_.rsplit('.', 1)[-1]} of this config"
     if ckpt is not None:
-        state = ckpt["state_dict"]
-        has_ema = any(k.startswith("ema.model.") for k in state)
-        if cfg.use_ema and not has_ema:
-            raise ConfigError(f"use_ema=true but ckpt={cfg.ckpt} has no EMA weights; use use_ema=false")
-        prefix = "ema.model." if cfg.use_ema else "backbone."
-        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        weights, kind = backbone_weights(ckpt["state_dict"], bool(cfg.use_ema), f"ckpt={cfg.ckpt}")
         check_fits(backbone, weights, "ckpt", cfg.ckpt, model_name)
         backbone.load_state_dict(weights)
         source = {
             "checkpoint": str(Path(cfg.ckpt).resolve()),
             "checkpoint_bytes": Path(cfg.ckpt).stat().st_size,
             "global_step": ckpt.get("global_step"),
-            "weights": "ema" if cfg.use_ema else "raw",
+            "weights": kind,
         }
     else:
         if not run.model.get("pretrained"):
@@ -122,7 +118,7 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
         if store_path in ("val", "train"):
             store_path = run.data.get("val_root") if store_path == "val" and run.data.get("val_root") else run.data.root
         store = LatentStore(store_path, key="prompts")
-        check_text_rows(backbone, store.meta.get("text"), f"prompts={store_path}")
+        backbone.check_text_features(store.meta.get("text"), f"prompts={store_path}")
         prompts = PromptSet(store)
         null_text = torch.from_numpy(store.empty_text).float().to(device)  # (L, D)
         source["prompts"] = {"store": str(Path(store_path).resolve()), "captions": len(prompts)}
@@ -186,10 +182,6 @@ def _default_out(cfg: DictConfig, run: DictConfig) -> Path:
 
 
 # -------------------------------------------------------------------------------------------- run
-def _device(local_rank: int) -> torch.device:
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _num_processes(devices: Any) -> int:
     if str(devices) == "auto":
         return max(1, torch.cuda.device_count())
@@ -250,7 +242,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
         nprocs = _num_processes(cfg.devices)
         if world == 1 and nprocs > 1:  # one process per device on this machine
             return _spawn(cfg, run, overrides, nprocs)
-        device = _device(local_rank)
+        device = device_for("auto", local_rank)
         built = _build(cfg, run, ckpt, device)
         spec = _spec(cfg, run, built)
         out = Path(cfg.out) if cfg.get("out") else _default_out(cfg, run)
@@ -265,7 +257,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
         return {**previous, "out": str(out), "npz": str(out / "samples.npz")}
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        write_json_atomic(out / "samples.json", spec)
+        write_json(out / "samples.json", spec)
     for folder in (out / "parts", *((out / "images",) if cfg.save_png else ())):
         folder.mkdir(parents=True, exist_ok=True)
     done = done_indices(out)
@@ -291,7 +283,7 @@ def run_sampling(cfg: DictConfig, overrides: list[str] | None = None) -> dict[st
     npz = assemble(out, n, class_conditional=built["num_classes"] > 0 and prompts is None)
     if npz is not None:
         result.update(complete=True)
-        write_json_atomic(out / "samples.json", result)
+        write_json(out / "samples.json", result)
         result["npz"] = str(npz)
         rate = len(todo) / seconds if todo and seconds > 0 else 0.0
         log.info("%s: %d samples (%d made by this process, %.2f img/s)", npz, n, len(todo), rate)

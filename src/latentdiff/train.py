@@ -12,17 +12,18 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, checkpoints, latest_checkpoint, load_checkpoint
+from latentdiff.checkpoint import check_resumable, checkpoints, load_checkpoint, read_torch_file, save_checkpoint
 from latentdiff.distributed import check_strategy, rank_zero_process, trainer_batch
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
-from latentdiff.masking import check_text_rows, check_token_run
+from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
-from latentdiff.rundir import no_resume, stopped_before_first_checkpoint
+from latentdiff.rundir import latest_checkpoint, no_resume, stopped_before_first_checkpoint
 from latentdiff.runlock import claim
 from latentdiff.validation import validate_train_config
 
@@ -32,6 +33,20 @@ log = logging.getLogger(__name__)
 _RUN_MARKERS = ("last.ckpt", "metrics.csv", "config.yaml")
 # what Lightning's DDP launcher writes into the launching process's environment
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin of every run: atomic writes (`save_checkpoint`) and `weights_only` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        # any file Lightning reads through the plugin (ddp_spawn also passes plain weights this way);
+        # `run_training` verified the file it resumes from when it read its config
+        return read_torch_file(path, map_location=map_location or "cpu", verify=False)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -204,7 +219,7 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             datamodule.check_autoencoder(module.autoencoder)
         check_condition(module.backbone, bool(getattr(datamodule, "text", False)), module.num_classes)
         if getattr(datamodule, "text", False):
-            check_text_rows(module.backbone, datamodule.store.meta.get("text"), f"data.root={datamodule.store.root}")
+            module.backbone.check_text_features(datamodule.store.meta.get("text"), f"data.root={datamodule.store.root}")
         empty_text = getattr(datamodule, "empty_text", None)
         if empty_text is not None:
             module.null_text = empty_text  # (L, D): the null condition of text runs

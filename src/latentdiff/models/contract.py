@@ -1,0 +1,78 @@
+"""The backbone contract: everything the rest of latentdiff may ask of a denoiser network.
+
+A backbone is a plain `nn.Module` (no Lightning, Hydra, autoencoder or schedule inside) that subclasses
+`Backbone` and says, as attributes, what it reads and how it is exported:
+
+- `forward(x, timesteps, cond=None)`: `x` is a noisy latent `(B, C, h, w)` float when `input_kind == "latents"`,
+  or token ids `(B, h, w)` int64 when `input_kind == "tokens"`; `timesteps` `(B,)` or a scalar in the
+  objective's units; the result is shaped like `x` (latents) or `(B, codebook, h, w)` logits (tokens).
+- `condition`: what `cond` is: "class" (class ids `(B,)`, `class_rows` rows in the table: the classes and the
+  null class of classifier-free guidance, the last row), "text" (features `(B, L, D)`) or "none".
+- `dummy_cond(...)`: a zero condition of the right kind and shape (FLOP counting, shape checks).
+- `check_text_features(meta, key)`: refuse a latent store whose text features this backbone reads differently.
+- Export: `export_folder` is the folder name a diffusers pipeline uses for it ("unet" or "transformer");
+  `save_diffusers(folder, model_cfg)` writes that folder, `load_diffusers(folder)` reads one back (also a
+  diffusers folder of the wrapped model, e.g. aMUSEd's `transformer/`) as a state dict keyed for this backbone.
+
+Callers use these and nothing else: no `hasattr`/`getattr` probing of a backbone outside this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights file of a diffusers model folder
+
+
+class Backbone(nn.Module):
+    """Base of every backbone (see the module docstring); the defaults describe a latent, unconditional model
+    that is exported as a `transformer/` folder of its own config and weights."""
+
+    input_kind: ClassVar[str] = "latents"  # "latents": float (B, C, h, w); "tokens": int64 ids (B, h, w)
+    export_folder: ClassVar[str] = "transformer"
+    condition: str = "none"  # "class" | "text" | "none"
+    class_rows: int = 0  # rows of the class table (classes + the null class); 0 without one
+
+    def text_shape(self, text_len: int) -> tuple[int, int]:
+        """(L, D) of the text features a text-conditional backbone reads (`text_len`: L where the data decides)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no text features")
+
+    def dummy_cond(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, text_len: int
+    ) -> torch.Tensor | None:
+        """A zero condition of the kind `forward` takes: (B,) class ids, (B, L, D) text features, or None."""
+        if self.condition == "class":
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if self.condition == "text":
+            return torch.zeros(batch_size, *self.text_shape(text_len), device=device, dtype=dtype)
+        return None
+
+    def check_text_features(self, meta: dict[str, Any], key: str) -> None:
+        """Raise one line when a store's text features (its `text` record) do not fit this backbone."""
+
+    def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
+        """Write this backbone's folder of an export: its constructor arguments (`config.json`) and weights.
+
+        Returns:
+            the (library, class) entry of `model_index.json`.
+        """
+        from safetensors.torch import save_file
+
+        folder.mkdir()
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS))
+        arguments = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
+        record = {"_class_name": type(self).__name__, "_target_": model_cfg["_target_"], **arguments}
+        (folder / "config.json").write_text(json.dumps(record, indent=2))
+        return type(self).__module__, type(self).__name__
+
+    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
+        """The state dict in a folder `save_diffusers` wrote, keyed for this backbone."""
+        from latentdiff.models.weights import read_state_dict
+
+        return read_state_dict(folder / WEIGHTS, key)
