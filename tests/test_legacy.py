@@ -25,8 +25,8 @@ from latentdiff.autoencoder import FrozenAutoencoderKL
 from latentdiff.data import LatentDataModule, LatentStore
 from latentdiff.export import load_exported
 from latentdiff.models import build_backbone
-from latentdiff.sampling import run_sampling
-from latentdiff.training import run_training
+from latentdiff.sample import run_sampling
+from latentdiff.train import run_training
 from latentdiff.verify import main as verify_main
 from latentdiff.verify import verify_path
 
