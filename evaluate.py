@@ -3,7 +3,11 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
-from latentdiff.evaluate import run_evaluation
 
 if __name__ == "__main__":
-    hydra_entry(run_evaluation, Path(__file__).resolve().parent / "conf", "evaluate", cleanup_run_dir=False)
+    hydra_entry(
+        "latentdiff.evaluate:run_evaluation",
+        Path(__file__).resolve().parent / "conf",
+        "evaluate",
+        cleanup_run_dir=False,
+    )

@@ -3,9 +3,12 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
-from latentdiff.sample import run_sampling
 
 if __name__ == "__main__":
     hydra_entry(
-        run_sampling, Path(__file__).resolve().parent / "conf", "sample", cleanup_run_dir=False, pass_overrides=True
+        "latentdiff.sample:run_sampling",
+        Path(__file__).resolve().parent / "conf",
+        "sample",
+        cleanup_run_dir=False,
+        pass_overrides=True,
     )

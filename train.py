@@ -3,8 +3,7 @@
 from pathlib import Path
 
 from latentdiff.cli import hydra_entry
-from latentdiff.rundir import check_location
-from latentdiff.train import train
+from latentdiff.precheck import check_train
 
 if __name__ == "__main__":
-    hydra_entry(train, Path(__file__).resolve().parent / "conf", "train", precheck=check_location)
+    hydra_entry("latentdiff.train:train", Path(__file__).resolve().parent / "conf", "train", precheck=check_train)

@@ -15,10 +15,10 @@ from latentdiff.cli import CONF_DIR, hydra_entry
 def entry(name: str):
     """The `main` of an entry point: `hydra_entry` with the arguments its script passes."""
     if name == "train":
-        from latentdiff.rundir import check_location
+        from latentdiff.precheck import check_train
         from latentdiff.train import train
 
-        return lambda: hydra_entry(train, CONF_DIR, "train", precheck=check_location)
+        return lambda: hydra_entry(train, CONF_DIR, "train", precheck=check_train)
     if name == "sample":
         from latentdiff.sample import run_sampling
 

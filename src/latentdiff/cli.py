@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import os
 import re
 import shutil
@@ -83,26 +84,33 @@ def check_overrides(args: list[str], config_dir: Path, config_name: str) -> Dict
     if any(any(mark in a for mark in _SWEEP_MARKS) for a in overrides):
         return None
     try:
-        return _compose(config_dir, config_name, overrides)
+        return compose(config_dir, config_name, overrides)
     except Exception as err:  # Hydra's override and composition errors
         if "Ambiguous value for argument" in str(err):  # a comma list: a sweep if the config is a multirun
             return None
         unknown = re.search(r"Could not override '([^']+)'", str(err))
         if unknown:
             raise _unknown_key(unknown.group(1), overrides, config_dir, config_name) from None
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
-        raise ConfigError(one_line("; ".join(lines[:3]) or type(err).__name__)) from None
+        raise ConfigError(hydra_error_line(err)) from None
 
 
-def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's or OmegaConf's multi-line report as one line: its first lines, without the key/type/debug notes."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
+    return one_line("; ".join(lines[:3]) or type(err).__name__)
+
+
+def compose(config_dir: Path, config_name: str, overrides: list[str], hydra: bool = True) -> DictConfig:
+    """Compose a config as its entry would (nothing run, nothing written); `hydra`: keep the `hydra` node."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
     finally:
         GlobalHydra.instance().clear()
 
@@ -114,7 +122,7 @@ def _unknown_key(key: str, overrides: list[str], config_dir: Path, config_name: 
     value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
-        values = OmegaConf.to_container(_compose(config_dir, config_name, rest), resolve=False)
+        values = OmegaConf.to_container(compose(config_dir, config_name, rest), resolve=False)
     except Exception:  # another override is wrong too (Hydra's errors): it is reported once this one is fixed
         values = None
     meant = None
@@ -130,7 +138,7 @@ def _unknown_key(key: str, overrides: list[str], config_dir: Path, config_name: 
 
 
 def hydra_entry(
-    run: Callable[..., Any],
+    run: Callable[..., Any] | str,
     config_dir: Path,
     config_name: str,
     cleanup_run_dir: bool = True,
@@ -138,6 +146,9 @@ def hydra_entry(
     precheck: Callable[[DictConfig, list[str]], None] | None = None,
 ) -> None:
     """Run `run(cfg)` under `@hydra.main`, with one-line errors for configuration mistakes.
+
+    `run` may be named `"module:function"`: it is imported only after the config was composed and checked, so a
+    mistake is answered before the heavy libraries (Lightning, diffusers) load.
 
     With `pass_overrides`, `run(cfg, overrides)` also gets the command-line overrides (`key=value` strings).
     `precheck(cfg, args)` runs on the config composed before Hydra starts (nothing made yet: train.py checks
@@ -155,13 +166,11 @@ def hydra_entry(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import OmegaConfBaseException
 
-    from latentdiff.distributed import install_hydra_launch
-    from latentdiff.module import NonFiniteError
+    from latentdiff.errors import NonFiniteError
     from latentdiff.rundir import remove_new_run_dir, reset
     from latentdiff.runlock import release_claims
 
     register_resolvers()
-    install_hydra_launch()  # DDP ranks > 0 re-run this job (not the sweep) into the same directory
     debug = os.environ.get("LATENTDIFF_DEBUG") == "1"
     try:
         check_group_choices(sys.argv[1:], config_dir)
@@ -197,7 +206,11 @@ def hydra_entry(
 
     @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
     def main(cfg):
+        nonlocal run
         try:
+            if isinstance(run, str):
+                module, name = run.split(":")
+                run = getattr(importlib.import_module(module), name)
             if pass_overrides:
                 return run(cfg, list(HydraConfig.get().overrides.task))
             return run(cfg)

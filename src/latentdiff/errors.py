@@ -9,6 +9,7 @@ This module imports nothing of the package.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,10 @@ class ConfigError(ValueError):
 
 class StoreError(ValueError):
     """A latent store that cannot be used as asked (missing, incomplete, truncated or made differently)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on NaN/Inf; the message names the step, the epoch and the batch's dataset indices."""
 
 
 class RunInUse(ConfigError):
@@ -89,16 +94,18 @@ def user_errors() -> Iterator[None]:
     `InstantiationException`), Lightning raises `MisconfigurationException` for a trainer this machine cannot run.
     """
     from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    # Lightning's error class where Lightning is loaded (a mistake found before it loads cannot be one of them)
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    misconfiguration = (lightning.MisconfigurationException,) if lightning is not None else ()
     try:
         yield
     except ConfigError:
         raise
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError, TypeError, MisconfigurationException)):
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError, *misconfiguration)):
             raise ConfigError(one_line(str(cause).splitlines()[0] if str(cause) else repr(cause))) from cause
         raise
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+    except (ValueError, FileNotFoundError, *misconfiguration) as err:
         raise ConfigError(one_line(str(err).splitlines()[0] if str(err) else repr(err))) from err

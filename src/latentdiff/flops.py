@@ -213,33 +213,21 @@ def _config_errors() -> Iterator[None]:
         with user_errors():
             yield
     except OmegaConfBaseException as err:
-        raise ConfigError(_first_line(err)) from err
+        from latentdiff.cli import hydra_error_line
 
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+        raise ConfigError(hydra_error_line(err)) from err
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
     """Compose `conf/train.yaml` with `overrides` as `train.py` would (no run directory, nothing written)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from latentdiff.cli import CONF_DIR
+    from latentdiff.cli import CONF_DIR, compose, hydra_error_line
     from latentdiff.config import register_resolvers
 
     register_resolvers()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+        return compose(CONF_DIR, "train", list(overrides), hydra=False)
     except Exception as err:  # Hydra's override and composition errors
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith(("full_key", "object_type", "Set the environment"))]
-        raise ConfigError("; ".join(lines[:3]) or type(err).__name__) from None
-    finally:
-        GlobalHydra.instance().clear()
+        raise ConfigError(hydra_error_line(err)) from None
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -249,7 +237,9 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
-        raise ConfigError(_first_line(err)) from None
+        from latentdiff.cli import hydra_error_line
+
+        raise ConfigError(hydra_error_line(err)) from None
     choices = []
     for override in parsed:
         key = override.get_key_element()

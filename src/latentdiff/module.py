@@ -23,6 +23,7 @@ from latentdiff.data.order import generator_for
 from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.distributed import shards_parameters
 from latentdiff.ema import EMA
+from latentdiff.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -373,10 +374,6 @@ def _drop_frozen_keys(module: nn.Module, state_dict: dict, prefix: str, local_me
 def _ignore_missing_frozen_keys(module: nn.Module, incompatible_keys: Any) -> None:
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not k.startswith(_FROZEN_PREFIX)]
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on NaN/Inf; the message names the step, the epoch and the batch's dataset indices."""
 
 
 class NonFiniteGuard:

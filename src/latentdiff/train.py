@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.checkpoint import check_resumable, checkpoints, load_checkpoint, read_torch_file, save_checkpoint
-from latentdiff.distributed import check_strategy, rank_zero_process, trainer_batch
+from latentdiff.distributed import check_strategy, install_hydra_launch, rank_zero_process, trainer_batch
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
@@ -172,6 +172,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         NothingToDo: the run to continue is already at `trainer.max_steps`.
     """
     _quiet_known_warnings()
+    install_hydra_launch()  # under Hydra, DDP ranks > 0 re-run this job (not the sweep) into the same directory
     with user_errors():
         validate_train_config(cfg)
         run_dir = Path(cfg.paths.output_dir)
