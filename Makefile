@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.installed ## Install the package and its locked dependencies into .venv (uv)
 
-train: install ## Train the default experiment (quickstart: U-ViT-tiny on built-in shapes, CPU, ~5 min)
+train: install ## Train the default experiment (quickstart: U-ViT-tiny on built-in shapes, CPU, ~5 min with AVX512-BF16, ~10 without)
 	$(PY) train.py $(ARGS)
 
 extract: install ## Encode images into a latent store: make extract ARGS="data=imagenet_folder data.root=... out=..."
