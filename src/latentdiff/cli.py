@@ -156,7 +156,7 @@ def hydra_entry(
     from omegaconf.errors import OmegaConfBaseException
 
     from latentdiff.distributed import install_hydra_launch
-    from latentdiff.module import NonFiniteError
+    from latentdiff.errors import NonFiniteError
     from latentdiff.rundir import remove_new_run_dir, reset
     from latentdiff.runlock import release_claims
 

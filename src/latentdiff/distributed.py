@@ -21,9 +21,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
-from torch import nn
 
 from latentdiff.errors import ConfigError
+from latentdiff.lightning_internals import replace_hydra_subprocess_command
 
 
 def rank_zero_process() -> bool:
@@ -101,16 +101,7 @@ def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
 
 def install_hydra_launch() -> None:
     """Make Lightning's DDP launchers (fabric's and the trainer's) start ranks > 0 with `hydra_child_command`."""
-    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
-
-    for module in (fabric_launcher, trainer_launcher):
-        if not hasattr(module, "_hydra_subprocess_cmd"):
-            raise RuntimeError(
-                f"{module.__name__} has no _hydra_subprocess_cmd in this Lightning version; latentdiff's DDP launch "
-                "under Hydra (latentdiff.distributed.install_hydra_launch) needs updating for it"
-            )
-        module._hydra_subprocess_cmd = hydra_child_command
+    replace_hydra_subprocess_command(hydra_child_command)
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP
@@ -138,10 +129,11 @@ class FSDP(FSDPStrategy):
 
     strategy_name = "latentdiff_fsdp"
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        frozen = [m for m in (getattr(model, "autoencoder", None),) if m is not None]
+    def setup(self, trainer: L.Trainer) -> None:
+        # set before the parent's setup wraps the module (FSDP's `ignored_modules` are given at wrapping)
+        frozen = [m for m in (getattr(self.lightning_module, "autoencoder", None),) if m is not None]
         if frozen:
             self.kwargs["ignored_modules"] = frozen
             for module in frozen:
                 module.to(self.root_device)
-        return super()._setup_model(model)
+        super().setup(trainer)

@@ -2,6 +2,7 @@
 
 Every entry point prints a `ConfigError` as one line `error: <message>` with exit status 2, before any work and
 leaving nothing behind; `DiskFullError` is the same for a write that ran out of space (exit status 4);
+`NonFiniteError` stops a training run on NaN/Inf (exit status 3);
 `NothingToDo` is not an error: its message is printed and the command exits 0 (a finished run resumed).
 This module imports nothing of the package.
 """
@@ -29,6 +30,10 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror) if self.strerror else super().__str__()
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on NaN/Inf; the message names the step, the epoch and the batch's dataset indices."""
 
 
 class NothingToDo(Exception):
