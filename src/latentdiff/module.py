@@ -155,16 +155,18 @@ class DiffusionModule(L.LightningModule):
         cond = self.drop_cond(self.batch_cond(batch), generator)
         loss, _ = self.diffusion.loss(self._train_forward, x0, cond, generator=generator)
         self.guard.observe(loss, batch.get("index"))
-        # Only when the loggers write (Lightning's `log` costs ~1 ms of Python per call), and not prog_bar=True:
-        # Lightning reads progress-bar values back to the host after every batch (a sync);
-        # latentdiff.callbacks.ProgressBar shows train/loss, read only when the bar refreshes
-        if self._logs_this_step():
+        # Only when the loggers write (Lightning's `log` costs ~1 ms of Python per call) or at the run's last step
+        # (short runs still report it), and not prog_bar=True: Lightning reads progress-bar values back to the
+        # host after every batch (a sync); latentdiff.callbacks.ProgressBar reads it only when the bar refreshes
+        last = self.trainer.max_steps > 0 and self.trainer.global_step + 1 >= self.trainer.max_steps
+        if last or logs_this_step(self.trainer):
             self.log("train/loss", loss, batch_size=x0.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norm = grad_norm([p.grad for p in self.backbone.parameters() if p.grad is not None])
-        step, epoch, fp16 = self.trainer.global_step + 1, self.trainer.current_epoch, self._scaled_fp16
+        fp16 = str(self.trainer.precision) == "16-mixed"  # loss scaling: the grad scaler owns optimizer.found_inf
+        step, epoch = self.trainer.global_step + 1, self.trainer.current_epoch
         self._update_ok = self.guard.check_step(norm, optimizer, self.backbone.parameters(), step, epoch, fp16)
         self._grad_norm = norm
         if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
@@ -187,16 +189,6 @@ class DiffusionModule(L.LightningModule):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP: the norm over all shards
         else:
             clip_by_norm(grads, gradient_clip_val, self._grad_norm)
-
-    def _logs_this_step(self) -> bool:
-        """The loggers write at this step, or it is the run's last (so short runs still report train/loss)."""
-        trainer = self.trainer
-        last = trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
-        return last or logs_this_step(trainer)
-
-    @property
-    def _scaled_fp16(self) -> bool:
-        return str(self.trainer.precision) == "16-mixed"  # loss scaling: the grad scaler owns optimizer.found_inf
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Lightning calls this once per real optimizer step (after gradient accumulation)
