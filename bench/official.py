@@ -207,9 +207,9 @@ def official_side(
 
 
 def our_side(variant: str, kwargs: dict, state: dict, device: torch.device) -> Side:
+    from latentdiff.compile import compile_blocks
     from latentdiff.ema import EMA
     from latentdiff.models.uvit import UViT
-    from latentdiff.module import compile_blocks
 
     model = UViT(**kwargs).to(device).train()
     model.load_state_dict(state, strict=True)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra.utils import instantiate
 
-from latentdiff.distributed import trainer_batch
 from latentdiff.module import DiffusionModule
+from latentdiff.strategies import trainer_batch
 from latentdiff.train import build_module
 from tests.conftest import compose_config
 

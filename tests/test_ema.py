@@ -7,6 +7,16 @@ import torch
 from torch import nn
 
 from latentdiff.ema import EMA
+from latentdiff.validation import validate_train_config
+
+
+def _decay_of_next_update(ema: EMA, net: nn.Module, step: int) -> float:
+    """The decay d one `update` applies, read from its result: from ema = 0 towards w = 1, ema <- 1 - d."""
+    with torch.no_grad():
+        ema.model[0].weight.zero_()
+        net[0].weight.fill_(1.0)
+    ema.update(net, step=step)
+    return 1.0 - float(ema.model[0].weight[0, 0])
 
 
 def _net():
@@ -35,10 +45,10 @@ def test_warmup_and_start_step_and_buffers():
     ema.update(net, step=0)  # before start_step: a copy
     assert torch.equal(ema.model[0].weight, net[0].weight)
     assert torch.equal(ema.model[1].running_mean, net[1].running_mean)  # buffers are copied
-    assert ema.current_decay() == pytest.approx((1 + 1) / (10 + 1))
+    assert _decay_of_next_update(ema, net, step=2) == pytest.approx((1 + 1) / (10 + 1))
     for _ in range(10_000):
         ema.num_updates += 1
-    assert ema.current_decay() == 0.999
+    assert _decay_of_next_update(ema, net, step=3) == pytest.approx(0.999, rel=0, abs=1e-9)  # the target caps it
 
 
 def test_ema_is_frozen_and_stays_in_eval():
@@ -60,6 +70,7 @@ def test_update_every():
     assert not torch.equal(ema.model[0].weight, before)
 
 
-def test_bad_decay():
+def test_bad_decay(compose_cfg):
+    # the range of module.ema.decay is checked once, with the run config, before the EMA is built
     with pytest.raises(ValueError, match=r"ema.decay=1.0 must be in \[0, 1\)"):
-        EMA(_net(), decay=1.0)
+        validate_train_config(compose_cfg(["module.ema.decay=1.0"]))

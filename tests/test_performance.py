@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 import torch
 
+from latentdiff.compile import compile_regions
 from latentdiff.ema import EMA
 from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
-from latentdiff.module import compile_regions
 from latentdiff.train import build_module, run_training
 from latentdiff.validation import validate_train_config
 
@@ -179,3 +179,19 @@ def test_channels_last_unet_gives_the_same_outputs_and_gradients(compose_cfg):
     out_nhwc.square().mean().backward()
     grads = [(a.grad, b.grad) for a, b in zip(plain.parameters(), nhwc.parameters(), strict=True)]
     assert all(torch.allclose(a, b.contiguous(), rtol=1e-3, atol=1e-5) for a, b in grads)
+
+
+def test_peak_flops_reads_lightnings_gpu_table_for_the_run_precision(monkeypatch):
+    """The MFU denominator on a GPU: Lightning's table at the compute dtype of the run's precision (the
+    private helpers it needs resolve in this Lightning version; on a CPU there is none)."""
+    import lightning.fabric.utilities.throughput as throughput
+
+    from latentdiff.lightning_internals import peak_flops
+
+    asked = []
+    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: asked.append(dtype) or 989e12)
+    plugin = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    gpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    gpu.precision_plugin = plugin.precision_plugin
+    assert peak_flops(gpu) == 989e12 and asked == [torch.bfloat16]
+    assert peak_flops(plugin) is None  # a CPU run: no peak, no MFU

@@ -1,30 +1,23 @@
-"""Data-parallel glue: the global batch split over ranks, Hydra-safe DDP launching, FSDP for large backbones.
+"""Ranks, world size and devices: one implementation for training, extraction and sampling.
 
-- `data.batch_size` is the global batch of one optimizer step (the papers' number); each rank loads
-  `batch_size / (world size x accumulate_grad_batches)` per micro-batch (`per_rank_batch`).
-- Lightning's DDP launcher re-runs the command for ranks > 0. Its Hydra variant replays `sys.argv`, which under
-  `-m` starts a whole sweep in every child and sends the children to Hydra's `run.dir` instead of the job's
-  directory. `install_hydra_launch` replaces it: a child re-runs exactly the current job (its own overrides,
-  no `-m`) into the same output directory, writing no Hydra record of its own.
-- `FSDP` is Lightning's `FSDPStrategy` that keeps the frozen autoencoder out of the shards (it is decoded
-  outside the wrapped forward) and wraps the backbone and its EMA copy alike, so their shards line up and the
-  EMA update stays element-wise (see `wrap_policy`).
+- `rank_zero_process`: False in the processes a launcher started for ranks > 0.
+- `dist_env`: (rank, world size, local rank) from torchrun or SLURM; `device_for`: a process's device.
+- `per_rank_batch`: `data.batch_size` is the global batch of one optimizer step (the papers' number); each rank
+  loads `batch_size / (world size x accumulate_grad_batches)` per micro-batch.
+
+The strategies built on Lightning (DDP launching under Hydra, FSDP) are `strategies.py`. This module imports
+nothing of the package but the errors, and neither Lightning nor (until a device is asked for) torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from collections.abc import Iterable
-from typing import Any
-
-import lightning as L
-import torch
-from lightning.pytorch.strategies import FSDPStrategy
-from torch import nn
+from typing import TYPE_CHECKING
 
 from latentdiff.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def rank_zero_process() -> bool:
@@ -51,6 +44,8 @@ def device_for(name: str = "auto", local_rank: int = 0) -> torch.device:
     Raises:
         ConfigError: `device=cuda...` with no visible CUDA device.
     """
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -73,102 +68,3 @@ def per_rank_batch(global_batch: int, world_size: int, accumulate: int = 1) -> i
             f"trainer.accumulate_grad_batches); use a multiple of {split}, e.g. {lower or split} or {upper}"
         )
     return global_batch // split
-
-
-def trainer_batch(trainer: L.Trainer, global_batch: int) -> int:
-    """`per_rank_batch` for a built trainer (its world size, including torchrun and SLURM launches)."""
-    return per_rank_batch(int(global_batch), trainer.world_size, int(trainer.accumulate_grad_batches))
-
-
-def check_strategy(trainer: L.Trainer) -> None:
-    """Refuse combinations that would fail only after the ranks start (FSDP needs GPUs; DDP works everywhere)."""
-    from lightning.pytorch.accelerators import CPUAccelerator
-
-    if isinstance(trainer.strategy, FSDPStrategy) and isinstance(trainer.accelerator, CPUAccelerator):
-        raise ConfigError(
-            "trainer=fsdp with trainer.accelerator=cpu: torch's FSDP needs GPUs; use trainer=ddp on CPU "
-            "(or trainer.accelerator=gpu)"
-        )
-
-
-def shards_parameters(trainer: L.Trainer) -> bool:
-    """True when every rank must take part in a forward pass (FSDP), so rank-0-only sampling would hang."""
-    return isinstance(trainer.strategy, FSDPStrategy)
-
-
-# ------------------------------------------------------------------------------------ Hydra + DDP launching
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
-    """The command Lightning runs for local rank `local_rank` > 0 of the current Hydra job, and its cwd.
-
-    The job's own overrides (a sweep job's values, not the sweep), single-run mode, the job's output directory
-    as `hydra.run.dir` and no `.hydra` record (rank 0 writes it).
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
-
-    import __main__
-
-    hydra_cfg = HydraConfig.get()
-    if getattr(__main__, "__spec__", None) is None:
-        command = [sys.executable, to_absolute_path(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
-    command += list(hydra_cfg.overrides.task)
-    command += [
-        f"hydra.run.dir={_quote(str(hydra_cfg.runtime.output_dir))}",
-        "hydra.output_subdir=null",
-        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
-    ]
-    return command, get_original_cwd()
-
-
-def install_hydra_launch() -> None:
-    """Make Lightning's DDP launchers (fabric's and the trainer's) start ranks > 0 with `hydra_child_command`."""
-    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
-
-    for module in (fabric_launcher, trainer_launcher):
-        if not hasattr(module, "_hydra_subprocess_cmd"):
-            raise RuntimeError(
-                f"{module.__name__} has no _hydra_subprocess_cmd in this Lightning version; latentdiff's DDP launch "
-                "under Hydra (latentdiff.distributed.install_hydra_launch) needs updating for it"
-            )
-        module._hydra_subprocess_cmd = hydra_child_command
-
-
-# ---------------------------------------------------------------------------------------------------- FSDP
-def _resolve(name: str) -> type:
-    module, _, attr = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"trainer.strategy.auto_wrap_policy: cannot import {name!r} ({err})") from err
-
-
-def wrap_policy(classes: Iterable[str]) -> Any:
-    """FSDP auto-wrap policy: each module of these classes (dotted names) becomes its own FSDP unit.
-
-    List the backbone classes as well as their blocks: the trained backbone and its EMA copy then get the
-    same units, hence the same flat-parameter layout and the same local shards on every rank.
-    """
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    return ModuleWrapPolicy({_resolve(name) for name in classes})
-
-
-class FSDP(FSDPStrategy):
-    """Lightning's FSDP with the frozen autoencoder left whole on every rank (never sharded, never saved)."""
-
-    strategy_name = "latentdiff_fsdp"
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        frozen = [m for m in (getattr(model, "autoencoder", None),) if m is not None]
-        if frozen:
-            self.kwargs["ignored_modules"] = frozen
-            for module in frozen:
-                module.to(self.root_device)
-        return super()._setup_model(model)

@@ -21,6 +21,8 @@ class EMA(nn.Module):
             dominated by the initial weights (diffusers' EMAModel does the same).
         update_every: update once every this many optimizer steps.
         start_step: copy the weights (decay 0) until this optimizer step.
+
+    The ranges (`module.ema.*`) are checked with the run config (`latentdiff.rules`).
     """
 
     def __init__(
@@ -32,10 +34,6 @@ class EMA(nn.Module):
         start_step: int = 0,
     ):
         super().__init__()
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema.decay={decay} must be in [0, 1)")
-        if update_every < 1:
-            raise ValueError(f"ema.update_every={update_every} must be >= 1")
         self.model = copy.deepcopy(backbone).eval().requires_grad_(False)
         for p in self.model.parameters():
             p.grad = None  # a copied .grad would also make torch._foreach_lerp_ take a slow path (~300x on CPU)
@@ -45,13 +43,6 @@ class EMA(nn.Module):
 
     def train(self, mode: bool = True) -> EMA:
         return super().train(False)  # the EMA copy always runs in eval mode (no dropout)
-
-    def current_decay(self) -> float:
-        """The decay the next update uses (reads the update count: for logging, not in the training step)."""
-        if self.warmup:
-            n = int(self.num_updates)
-            return min(self.decay, (1 + n) / (10 + n))
-        return self.decay
 
     @torch.no_grad()
     def update(self, backbone: nn.Module, step: int, apply: torch.Tensor | None = None) -> None:

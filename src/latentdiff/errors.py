@@ -2,6 +2,7 @@
 
 Every entry point prints a `ConfigError` as one line `error: <message>` with exit status 2, before any work and
 leaving nothing behind; `DiskFullError` is the same for a write that ran out of space (exit status 4);
+`NonFiniteError` stops a training run on NaN/Inf (exit status 3);
 `NothingToDo` is not an error: its message is printed and the command exits 0 (a finished run resumed).
 This module imports nothing of the package.
 """

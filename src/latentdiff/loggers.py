@@ -8,13 +8,17 @@ import errno
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from latentdiff.errors import DiskFullError, disk_full_message
+from latentdiff.lightning_internals import csv_writer
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 class _RunCSVWriter(ExperimentWriter):
@@ -39,7 +43,7 @@ class _RunCSVWriter(ExperimentWriter):
     def save(self) -> None:
         if not self.metrics:
             return
-        self._record_new_keys()
+        self.metrics_keys = sorted(set(self.metrics_keys).union(*self.metrics))  # as Lightning's writer orders them
         self.rows.extend(self.metrics)
         self.metrics = []
         tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
@@ -70,9 +74,7 @@ class RunCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> _RunCSVWriter:
-        if self._experiment is None:
-            self._experiment = _RunCSVWriter(self.log_dir, keep_before_step=self.resume_step)
-        return self._experiment
+        return csv_writer(self, lambda: _RunCSVWriter(self.log_dir, keep_before_step=self.resume_step))
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -104,3 +106,10 @@ def wandb_logger(mode: str | None = None, id: str | None = None, **kwargs: Any) 
         raise ValueError(f"logger.wandb.mode={mode!r} is not supported; use one of {', '.join(WANDB_MODES)}")
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(mode=mode, **kwargs)
+
+
+def wandb_run_id(trainer: L.Trainer | None) -> str | None:
+    """The run id of the trainer's wandb logger (kept in checkpoints, so a resumed run continues it); None
+    without a trainer or a wandb logger."""
+    loggers = trainer.loggers if trainer is not None else []
+    return next((str(lg.version) for lg in loggers if isinstance(lg, WandbLogger)), None)

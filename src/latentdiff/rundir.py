@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from latentdiff.checkpoint import checkpoint_step, checkpoints, verify_checkpoint
+from latentdiff.distributed import rank_zero_process
 from latentdiff.errors import ConfigError, DiskFullError, shorten
 from latentdiff.runlock import LOCK, claim, release_claims
 
@@ -256,8 +257,6 @@ def claim_before_hydra(cfg: Any) -> None:
     rank 0's directory). Hydra's `ld.run_dir` then returns the same directory (`_CHOSEN`)."""
     global _REMEMBER
     from omegaconf import OmegaConf
-
-    from latentdiff.distributed import rank_zero_process
 
     if not rank_zero_process():
         return

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.checkpoint import check_resumable, checkpoints, load_checkpoint, read_torch_file, save_checkpoint
-from latentdiff.distributed import check_strategy, install_hydra_launch, rank_zero_process, trainer_batch
+from latentdiff.distributed import rank_zero_process
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
@@ -25,6 +25,7 @@ from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
 from latentdiff.rundir import latest_checkpoint, no_resume, stopped_before_first_checkpoint
 from latentdiff.runlock import claim
+from latentdiff.strategies import check_strategy, install_hydra_launch, trainer_batch
 from latentdiff.validation import validate_train_config
 
 log = logging.getLogger(__name__)

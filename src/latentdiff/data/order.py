@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from latentdiff.lightning_internals import batches_processed
+
 _MASK = (1 << 64) - 1
 
 
@@ -150,7 +152,7 @@ def lightning_consumed(datamodule: Any) -> Callable[[], int]:
         trainer = getattr(datamodule, "trainer", None)
         if trainer is None:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return batches_processed(trainer)
 
     return consumed
 
