@@ -56,6 +56,7 @@ MODEL_DATA: dict[str, list[str]] = {
     "unet_cond": COCO_256,
     "uvit2d": ["data=latents", "data.num_classes=1000", "vae=vq_amused256", "diffusion=masked_tokens"],
 }
+DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny")  # the quickstart's data fits
 TEXT_MODELS = ("uvit_s2_t2i", "uvit_s2_t2i_deep", "unet_cond", "unet_cond_tiny")  # composed unconditional too
 SWEEP_BASE = {"tiny": []}  # the runs a sweep preset's header starts; else experiment=cifar10_uvit_s2
 ENTRIES: dict[str, list[list[str]]] = {
@@ -105,7 +106,7 @@ def sweep_base(sweep: str) -> list[str]:
 
 def combinations() -> list[tuple[str, list[str]]]:
     """(config name, overrides) of every combination in the golden file, without repeats."""
-    missing = set(options("model")) - set(MODEL_DATA) - {"uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny"}
+    missing = set(options("model")) - set(MODEL_DATA) - set(DEFAULT_DATA_MODELS)
     assert not missing, f"new model presets {sorted(missing)}: add the data each is meant for to MODEL_DATA"
     runs = [("train", [])]
     runs += [option_overrides(group, option) for group in TRAIN_GROUPS for option in options(group)]
