@@ -57,7 +57,6 @@ MODEL_DATA: dict[str, list[str]] = {
     "uvit2d": ["data=latents", "data.num_classes=1000", "vae=vq_amused256", "diffusion=masked_tokens"],
 }
 DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny")  # the quickstart's data fits
-TEXT_MODELS = ("uvit_s2_t2i", "uvit_s2_t2i_deep", "unet_cond", "unet_cond_tiny")  # composed unconditional too
 SWEEP_BASE = {"tiny": []}  # the runs a sweep preset's header starts; else experiment=cifar10_uvit_s2
 ENTRIES: dict[str, list[list[str]]] = {
     "sample": [[], ["model=uvit_l2"], ["model=uvit_s2_t2i", "data=coco256_latents"]],
@@ -92,7 +91,7 @@ def object_overrides(group: str, option: str) -> list[str]:
     """Train overrides under which a model, diffusion or sampler option instantiates (its partners chosen)."""
     if option in TOKEN_PIECES:  # the masked-token pieces go together
         return ["experiment=quickstart_tokens", f"{group}={option}"]
-    if option in TEXT_MODELS:
+    if group == "model" and ("t2i" in option or option.startswith("unet_cond")):  # text models: no class ids
         return [f"{group}={option}", "data.num_classes=0"]
     if group == "sampler" and option.startswith("flow"):
         return [f"{group}={option}", "diffusion=flow"]
