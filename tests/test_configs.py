@@ -1,11 +1,14 @@
-"""Every config in conf/ composes and instantiates; bad values give one-line errors naming the key."""
+"""Every config in conf/ composes, resolves as before (golden file) and instantiates; bad values give one-line
+errors naming the key."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -17,16 +20,77 @@ from latentdiff.utils import native_bf16
 from latentdiff.validation import validate_train_config
 
 from .conftest import CONF_DIR
+from .resolved_configs import (
+    GOLDEN,
+    TRAIN_GROUPS,
+    combinations,
+    compose_all,
+    composer,
+    key,
+    object_overrides,
+    option_overrides,
+    options,
+    resolved,
+    sweep_base,
+)
 
-# groups of conf/train.yaml (text_encoder belongs to conf/extract.yaml)
-# (sweep presets hold Hydra's sweeper settings: test_every_sweep_preset_composes_and_builds_each_job)
+# groups of conf/train.yaml (text_encoder belongs to conf/extract.yaml; sweep presets hold Hydra's sweeper settings)
 GROUPS = sorted(
     p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder", "sweep")
 )
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
-# options that need an artefact a user supplies (a VAE folder), composed but not instantiated here
-EXTRACTION_SOURCES = ("imagenet_folder", "coco_captions")  # data options of conf/extract.yaml
-NEEDS_ARTEFACT = {("vae", "sd_ema"), ("vae", "sd_mse"), ("vae", "local")}
+OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def _canonical(target: str) -> str:
+    """A `_target_` under its current name (the identity while no target has moved)."""
+    return target
+
+
+def first_difference(golden: object, composed: object, path: str = "") -> str | None:
+    """The first key path where `composed` differs from `golden` (`_target_` values compared canonically)."""
+    if isinstance(golden, dict) and isinstance(composed, dict):
+        for k in [*golden, *(k for k in composed if k not in golden)]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in composed or k not in golden:
+                side = "composed" if k not in composed else "golden file"
+                return f"{where}: missing from the {side}"
+            if k == "_target_" and isinstance(golden[k], str) and isinstance(composed[k], str):
+                if _canonical(golden[k]) != _canonical(composed[k]):
+                    return f"{where}: golden {golden[k]!r}, composed {composed[k]!r}"
+                continue
+            difference = first_difference(golden[k], composed[k], where)
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(golden, list) and isinstance(composed, list) and len(golden) == len(composed):
+        for i, (g, c) in enumerate(zip(golden, composed, strict=True)):
+            difference = first_difference(g, c, f"{path}[{i}]")
+            if difference is not None:
+                return difference
+        return None
+    if golden != composed or type(golden) is not type(composed):
+        return f"{path}: golden {golden!r}, composed {composed!r}"
+    return None
+
+
+def test_every_selectable_config_resolves_as_the_golden_file():
+    """Each model preset (default run and its data), experiment, sweep base, group option and entry config
+    resolves to the values recorded in tests/data/resolved_configs.json, key by key."""
+    golden, composed = json.loads(GOLDEN.read_text()), compose_all()
+    assert sorted(composed) == sorted(golden), "combinations changed: python -m tests.resolved_configs"
+    differences = [f"{k}: {d}" for k in golden if (d := first_difference(golden[k], composed[k])) is not None]
+    assert not differences, f"{len(differences)} configs differ; first: {differences[0]}"
+
+
+def test_first_difference_names_the_key_path():
+    golden = {"model": {"_target_": "a.B", "depth": 12, "betas": [0.9, 0.99]}, "name": "x"}
+    assert first_difference(golden, json.loads(json.dumps(golden))) is None
+    assert first_difference(golden, {**golden, "name": "y"}) == "name: golden 'x', composed 'y'"
+    changed = {**golden, "model": {**golden["model"], "betas": [0.9, 0.999]}}
+    assert first_difference(golden, changed) == "model.betas[1]: golden 0.99, composed 0.999"
+    assert first_difference(golden, {**golden, "model": {"_target_": "a.B", "depth": 12}}).startswith("model.betas")
+    assert first_difference(golden, {**golden, "seed": 0}) == "seed: missing from the golden file"
+    assert first_difference({"a": 1}, {"a": 1.0}) == "a: golden 1, composed 1.0"
 
 
 def test_groups_mirror_the_package():
@@ -46,38 +110,31 @@ def test_groups_mirror_the_package():
     assert expected <= set(GROUPS)
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_resolves(compose_cfg, group, option):
-    overrides = [f"{group}={option}"]
-    if (group, option) == ("vae", "local"):
-        overrides.append("vae.pretrained=/some/dir")
-    if group == "data" and option.endswith("_latents"):
-        overrides += ["vae=sd_ema", "model=uvit_s2_t2i" if "coco" in option else "model=uvit_l2"]
-    if group == "vae" and option != "none":
-        overrides += ["model=uvit_tiny", "model.patch_size=2"]  # 256 px / 8 = 32 latents would need image_size 256
-        overrides.append("data.image_size=256")
-    if group == "data" and option in EXTRACTION_SOURCES:
-        from .test_latents import compose_extract
-
-        cfg = compose_extract([*overrides, "out=/x"])  # a source composes with conf/extract.yaml
-    else:
-        cfg = compose_cfg(overrides)
-    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert container[group if group != "experiment" else "name"] is not None
+def test_every_option_composes_and_resolves():
+    assert set(TRAIN_GROUPS) == set(GROUPS), "a new group: add it to resolved_configs.TRAIN_GROUPS"
+    keys = {key(*run) for run in combinations()}
+    for group, option in OPTIONS:
+        run = option_overrides(group, option)
+        assert key(*run) in keys
+        container = compose_all()[key(*run)]  # every interpolation resolved
+        assert container[group if group != "experiment" else "name"] is not None, run
 
 
-@pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] in ("model", "diffusion", "sampler")])
-def test_every_object_option_instantiates(compose_cfg, group, option):
-    tokens = option in ("uvit2d", "uvit2d_tiny", "masked_tokens", "amused")  # the masked-token pieces go together
-    cfg = compose_cfg([*(["experiment=quickstart_tokens"] if tokens else []), f"{group}={option}"])
-    if tokens and group != "model":
+def test_every_object_option_instantiates():
+    for group, option in [o for o in OPTIONS if o[0] in ("model", "diffusion", "sampler")]:
+        cfg = resolved("train", object_overrides(group, option))
+        try:
+            _check_instantiates(cfg, group, option)
+        except AssertionError as err:
+            raise AssertionError(f"{group}={option}: {err}") from err
+
+
+def _check_instantiates(cfg, group: str, option: str) -> None:
+    if option in ("masked_tokens", "amused"):  # the masked-token pieces go together
         objective = instantiate(cfg.diffusion)
         scheduler = make_sampling_scheduler(instantiate(cfg.sampler.scheduler), objective.scheduler)
         assert objective.mask_token_id == scheduler.config.mask_token_id == cfg.model.vocab_size - 1
-        return
-    if group == "model":
-        if "t2i" in option or option.startswith("unet_cond"):
-            cfg = compose_cfg([f"{group}={option}", "data.num_classes=0"])
+    elif group == "model":
         with torch.device("meta"):
             model = build_backbone(cfg.model)
         assert sum(p.numel() for p in model.parameters()) > 0
@@ -85,12 +142,9 @@ def test_every_object_option_instantiates(compose_cfg, group, option):
         diffusion = instantiate(cfg.diffusion)
         assert diffusion.num_timesteps == 1000
     else:
-        flow = option.startswith("flow")
-        if flow:
-            cfg = compose_cfg([f"{group}={option}", "diffusion=flow"])
         train_scheduler = instantiate(cfg.diffusion).scheduler
         scheduler = make_sampling_scheduler(instantiate(cfg.sampler.scheduler), train_scheduler)
-        if flow:  # the flow samplers share the training timestep shift
+        if option.startswith("flow"):  # the flow samplers share the training timestep shift
             assert scheduler.config.shift == train_scheduler.config.shift
         else:  # the sampler shares the training schedule (same betas)
             assert torch.equal(scheduler.betas, train_scheduler.betas)
@@ -111,24 +165,25 @@ def test_default_is_the_quickstart(compose_cfg):
     assert cfg.trainer.precision == fast and cfg.diffusion.scheduler.prediction_type == "v_prediction"
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("optim.lr=-1e-4", "optim.lr=-0.0001 must be > 0"),
-        ("module.p_uncond=1.0", "module.p_uncond=1.0 is outside [0, 1)"),
-        ("module.p_uncond=-0.1", "module.p_uncond=-0.1 is outside [0, 1)"),
-        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
-        ("trainer.max_steps=0", "trainer.max_steps=0 must be a positive integer"),
-        ("trainer.precision=fp8", "trainer.precision='fp8' is not supported"),
-        ("module.ema.decay=1.5", "module.ema.decay=1.5 must be in [0, 1)"),
-        ("optim.lr=abc", "optim.lr='abc' must be a number"),
-    ],
-)
-def test_validation_names_key_value_and_allowed(compose_cfg, override, message):
-    cfg = compose_cfg([override])
-    with pytest.raises(ConfigError) as err:
-        validate_train_config(cfg)
-    assert message in str(err.value) and "\n" not in str(err.value)
+VALIDATION_ERRORS = {
+    "optim.lr=-1e-4": "optim.lr=-0.0001 must be > 0",
+    "module.p_uncond=1.0": "module.p_uncond=1.0 is outside [0, 1)",
+    "module.p_uncond=-0.1": "module.p_uncond=-0.1 is outside [0, 1)",
+    "data.batch_size=0": "data.batch_size=0 must be a positive integer",
+    "trainer.max_steps=0": "trainer.max_steps=0 must be a positive integer",
+    "trainer.precision=fp8": "trainer.precision='fp8' is not supported",
+    "module.ema.decay=1.5": "module.ema.decay=1.5 must be in [0, 1)",
+    "optim.lr=abc": "optim.lr='abc' must be a number",
+}
+
+
+def test_validation_names_key_value_and_allowed():
+    with composer() as compose:
+        for override, message in VALIDATION_ERRORS.items():
+            cfg = compose([override])
+            with pytest.raises(ConfigError) as err:
+                validate_train_config(cfg)
+            assert message in str(err.value) and "\n" not in str(err.value), override
 
 
 def test_unknown_group_option_lists_the_choices():
@@ -139,58 +194,44 @@ def test_unknown_group_option_lists_the_choices():
     check_group_choices(["model=uvit_s2,uvit_tiny", "model.depth=3", "hydra/launcher=basic"], CONF_DIR)
 
 
-@pytest.mark.parametrize("option", ["clip_vit_l14", "local"])
-def test_extraction_config_composes_with_each_text_encoder(option):
-    from .test_latents import compose_extract
-
-    cfg = compose_extract(["data=coco_captions", f"text_encoder={option}", "out=/x", "resolution=512"])
-    assert cfg.data.resolution == 512 and cfg.text_encoder.max_length == 77
-    assert cfg.text_encoder._target_ == "latentdiff.text.FrozenCLIPTextEncoder"
+def test_extraction_config_composes_with_each_text_encoder():
+    for option in ("clip_vit_l14", "local"):
+        cfg = resolved("extract", ["data=coco_captions", f"text_encoder={option}", "out=/x", "resolution=512"])
+        assert cfg.data.resolution == 512 and cfg.text_encoder.max_length == 77
+        assert cfg.text_encoder._target_ == "latentdiff.text.FrozenCLIPTextEncoder"
 
 
-def test_latent_presets_shape_the_backbones(compose_cfg):
-    cfg = compose_cfg(["data=imagenet256_latents", "vae=sd_ema", "model=uvit_h2"])
+def test_latent_presets_shape_the_backbones():
+    cfg = resolved("train", ["data=imagenet256_latents", "vae=sd_ema", "model=uvit_h2"])
     assert (cfg.model.img_size, cfg.model.in_chans, cfg.model.num_classes) == (32, 4, 1001)
-    cfg = compose_cfg(["data=imagenet512_latents", "vae=sd_ema", "model=uvit_h4_512"])
+    cfg = resolved("train", ["data=imagenet512_latents", "vae=sd_ema", "model=uvit_h4_512"])
     assert cfg.model.img_size == 64
-    cfg = compose_cfg(["data=coco256_latents", "vae=sd_ema", "model=uvit_s2_t2i"])
+    cfg = resolved("train", ["data=coco256_latents", "vae=sd_ema", "model=uvit_s2_t2i"])
     assert (cfg.model.clip_dim, cfg.model.num_clip_token, cfg.data.num_classes) == (768, 77, 0)
-    cfg = compose_cfg(["data=coco256_latents", "vae=sd_ema", "model=unet_cond"])
+    cfg = resolved("train", ["data=coco256_latents", "vae=sd_ema", "model=unet_cond"])
     assert cfg.model.cross_attention_dim == 768
 
 
-SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("sweep", SWEEPS)
-def test_every_sweep_preset_composes_and_builds_each_job(sweep):
+def test_every_sweep_preset_composes_and_builds_each_job():
     """A sweep preset is a multirun whose every job composes and builds its backbone (the ablation values are
     ones the U-ViT accepts); the Optuna preset's search space parses."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .conftest import compose_config
-
-    base = ["experiment=cifar10_uvit_s2", f"sweep={sweep}"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=base, return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    if sweep.startswith("optuna"):
-        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.objective == "val/loss_ema"
-        return
-    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
-    jobs = [list(j) for j in itertools.product(*axes)]
-    assert len(jobs) >= 2
-    for job in jobs:
-        job_cfg = compose_config(["experiment=cifar10_uvit_s2", *job])
-        with torch.device("meta"):
-            model = build_backbone(job_cfg.model)
-        for override in job:
-            key, value = override.split("=", 1)
-            assert str(OmegaConf.select(job_cfg, key)) == value
-        assert sum(p.numel() for p in model.parameters()) > 0
+    with composer() as compose:
+        for sweep in options("sweep"):
+            cfg = resolved("train", sweep_base(sweep))
+            assert cfg.hydra.mode == "RunMode.MULTIRUN", sweep
+            params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+            parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+            if sweep.startswith("optuna"):
+                assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.objective == "val/loss_ema"
+                continue
+            axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+            jobs = [list(j) for j in itertools.product(*axes)]
+            assert len(jobs) >= 2, sweep
+            for job in jobs:
+                job_cfg = compose(["experiment=cifar10_uvit_s2", *job])
+                with torch.device("meta"):
+                    model = build_backbone(job_cfg.model)
+                for override in job:
+                    k, value = override.split("=", 1)
+                    assert str(OmegaConf.select(job_cfg, k)) == value, (sweep, job)
+                assert sum(p.numel() for p in model.parameters()) > 0, (sweep, job)
