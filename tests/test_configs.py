@@ -10,9 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from latentdiff.config import check_group_choices
-from latentdiff.diffusion import make_sampling_scheduler
 from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
+from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.utils import native_bf16
 from latentdiff.validation import validate_train_config
 

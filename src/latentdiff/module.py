@@ -20,9 +20,10 @@ from torch import nn
 
 from latentdiff.autoencoder import is_tokenizer
 from latentdiff.data.order import generator_for
-from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.distributed import shards_parameters
 from latentdiff.ema import EMA
+from latentdiff.objectives import FlowMatching, GaussianDiffusion
+from latentdiff.samplers.cfg import null_condition
 
 log = logging.getLogger(__name__)
 

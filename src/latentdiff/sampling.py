@@ -19,16 +19,18 @@ from tqdm import tqdm
 
 from latentdiff.checkpoint import load_checkpoint
 from latentdiff.data.store import LatentStore, write_json_atomic
-from latentdiff.diffusion import null_condition
 from latentdiff.errors import ConfigError, user_errors
 from latentdiff.extract import dist_env
-from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
-from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_fits
+from latentdiff.objectives.masked_tokens import check_token_run
+from latentdiff.samplers.cfg import null_condition
+from latentdiff.samplers.conditions import PromptSet, check_labels, check_text_rows, conditions_for
+from latentdiff.samplers.fit import check_sampler_fits
+from latentdiff.samplers.image import sampler_class
 from latentdiff.samples_folder import assemble, check_out, done_indices, write_part, write_pngs
 from latentdiff.trust import STORED_GROUPS, build, check_stored
 from latentdiff.utils import framework_versions
-from latentdiff.validation import check_config, check_sampler_fits, check_targets, check_values, plain
+from latentdiff.validation import check_config, check_targets, check_values, plain
 
 log = logging.getLogger(__name__)
 

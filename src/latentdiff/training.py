@@ -17,13 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from latentdiff.checkpoint import AtomicCheckpointIO, check_resumable, checkpoints, latest_checkpoint, load_checkpoint
 from latentdiff.distributed import check_strategy, rank_zero_process, trainer_batch
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
-from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
-from latentdiff.masking import check_text_rows, check_token_run
 from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
+from latentdiff.objectives.masked_tokens import check_token_run
 from latentdiff.rundir import no_resume, stopped_before_first_checkpoint
 from latentdiff.runlock import claim
+from latentdiff.samplers.conditions import check_text_rows
+from latentdiff.samplers.fit import check_sampler
 from latentdiff.validation import validate_train_config
 
 log = logging.getLogger(__name__)
