@@ -57,9 +57,21 @@ def make_sampling_scheduler(scheduler_partial: Callable[..., SchedulerMixin], tr
     Raises:
         ValueError: the sampler cannot follow the training objective (`check_fits`).
     """
+    objective = objective_for(train_scheduler)
+    made_by = _made_by(scheduler_partial)
+    if made_by is not None:  # before building: another objective's config may not build this scheduler at all
+        check_fits(objective, made_by, train_scheduler.config)
     scheduler = scheduler_partial(train_scheduler.config)
-    check_fits(objective_for(train_scheduler), type(scheduler), train_scheduler.config)
+    if made_by is None:
+        check_fits(objective, type(scheduler), train_scheduler.config)
     return scheduler
+
+
+def _made_by(scheduler_partial: Callable) -> type | None:
+    """The class whose `from_config` a (partial of a) classmethod is, else None."""
+    fn = scheduler_partial.func if isinstance(scheduler_partial, functools.partial) else scheduler_partial
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, type) else None
 
 
 def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None:
