@@ -43,7 +43,8 @@ SAMPLERS = [
 def bench_sampling(batch: int) -> list[dict]:
     from hydra.utils import instantiate
 
-    from latentdiff.generation import class_labels, module_sampler
+    from latentdiff.samplers.conditions import class_labels
+    from latentdiff.samplers.image import module_sampler
     from latentdiff.train import build_module
 
     rows = []

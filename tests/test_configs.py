@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from latentdiff.config import check_group_choices
-from latentdiff.diffusion import make_sampling_scheduler
 from latentdiff.errors import ConfigError
 from latentdiff.models import build_backbone
+from latentdiff.renames import canonical_target
+from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.utils import native_bf16
 from latentdiff.validation import validate_train_config
 
@@ -42,8 +43,8 @@ OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
 
 
 def _canonical(target: str) -> str:
-    """A `_target_` under its current name (the identity while no target has moved)."""
-    return target
+    """A `_target_` under its current name (configs composed before a class moved hold its old name)."""
+    return canonical_target(target)
 
 
 def first_difference(golden: object, composed: object, path: str = "") -> str | None:

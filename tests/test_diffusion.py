@@ -16,13 +16,13 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from latentdiff.diffusion import (
-    FlowMatching,
-    GaussianDiffusion,
-    guided_output,
-    make_sampling_scheduler,
-    sample_loop,
-)
+from latentdiff.errors import ConfigError
+from latentdiff.objectives.flow import FlowMatching
+from latentdiff.objectives.gaussian import GaussianDiffusion
+from latentdiff.samplers.cfg import guided_output
+from latentdiff.samplers.fit import make_sampling_scheduler
+from latentdiff.samplers.loop import sample_loop
+from latentdiff.validation import check_values
 
 
 def _scheduler(prediction_type="epsilon", beta_schedule="linear"):
@@ -186,5 +186,10 @@ def test_guidance_interval_guides_only_inside():
 
 
 def test_sampler_steps_must_be_positive():
-    with pytest.raises(ValueError, match="sampler.steps=0 must be >= 1"):
-        sample_loop(lambda x, t, c: x, DDIMScheduler(), torch.zeros(1, 1, 2, 2), 0)
+    # checked once, with the config, before any work: the loops (and the callbacks' samplers) take it from there
+    for key in ("sampler", "callbacks.sample_grid", "callbacks.fid"):
+        node = {"steps": 0}
+        for part in reversed(key.split(".")):
+            node = {part: node}
+        with pytest.raises(ConfigError, match=f"{key}.steps=0 must be a positive integer"):
+            check_values(node)

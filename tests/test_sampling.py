@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.generation import class_labels, module_sampler
+from latentdiff.samplers.conditions import class_labels
+from latentdiff.samplers.image import module_sampler
 from latentdiff.train import build_module, run_training
 
 from .artefacts import make_inception_weights

@@ -240,7 +240,7 @@ def test_every_class_of_the_built_config_groups_is_allowed():
     for target, (where, partial) in found.items():
         assert target in trust.ALLOWED, f"{where}: {target} is not in latentdiff.trust.ALLOWED"
         assert (trust.ALLOWED[target] == "partial") == partial, target
-        assert trust._locate(target) is not None
+        assert trust.locate(target) is not None
 
 
 def test_an_allowed_config_builds_what_hydra_builds():
@@ -272,3 +272,38 @@ def test_a_crafted_vae_folder_runs_no_code(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vae.pretrained=.*could not be loaded"):
         FrozenAutoencoderKL(str(folder))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "old"),
+    [
+        (["diffusion=cosine_v"], "latentdiff.diffusion.GaussianDiffusion"),
+        (["diffusion=flow", "sampler=flow_euler"], "latentdiff.diffusion.FlowMatching"),
+        (["experiment=quickstart_tokens"], "latentdiff.masking.MaskedTokens"),
+    ],
+)
+def test_a_config_stored_with_the_old_objective_names_builds_the_same_classes(overrides, old):
+    """Checkpoints and exports written before the objectives moved name them by their old dotted paths."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([*TINY_RUN, *overrides])
+    current = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    assert trust.LEGACY_TARGETS[old] == current["_target_"] == trust.canonical_target(old)
+    assert trust.canonical_target(current["_target_"]) == current["_target_"]
+    stored = copy.deepcopy(current) | {"_target_": old}
+    ours, theirs = trust.build(copy.deepcopy(stored), "x", "diffusion"), instantiate(cfg.diffusion)
+    assert type(ours) is type(theirs) and dict(ours.scheduler.config) == dict(theirs.scheduler.config)
+    config = {"diffusion": stored, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}
+    trust.check_stored(config, "x")  # renames in place: what sample.py and export read afterwards
+    assert config["diffusion"] == current
+
+
+def test_a_checkpoint_with_the_old_objective_name_exports_under_the_new_one(real_ckpt, tmp_path):
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    current = ckpt["latentdiff"]["config"]["diffusion"]["_target_"]
+    old = next(k for k, v in trust.LEGACY_TARGETS.items() if v == current)
+    ckpt["latentdiff"]["config"]["diffusion"]["_target_"] = old
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    export(tmp_path / "old.ckpt", tmp_path / "export")
+    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
+    assert index["_latentdiff"]["config"]["diffusion"]["_target_"] == current

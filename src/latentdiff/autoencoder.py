@@ -61,6 +61,10 @@ class Autoencoder(nn.Module):
         """(B, 2C, h, w) float16 moments of images in [-1, 1]."""
         return self.encode_moments(images).to(torch.float16)
 
+    def decode_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone's sampling produced (latents z) -> (B, 3, H, W) pixels in about [-1, 1]."""
+        return self.decode(x.float())
+
     def token_facts(self) -> dict[str, int] | None:
         """What a token store records of its tokenizer (store.json `tokens`); None for continuous latents."""
         return None
@@ -281,6 +285,10 @@ class FrozenVQModel(Autoencoder):
     def store_shape(self, size: int) -> tuple[int, ...]:
         return (size, size)
 
+    def decode_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled token ids (B, h, w) -> pixels (`decode_tokens`)."""
+        return self.decode_tokens(x)
+
     def token_facts(self) -> dict[str, int] | None:
         return {"codebook_size": self.codebook_size, "downsample_factor": self.downsample_factor}
 
@@ -313,11 +321,6 @@ class FrozenVQModel(Autoencoder):
             "pixel_range": list(self.pixel_range),
             "encoder_probe": _probe(named),
         }
-
-
-def is_tokenizer(autoencoder: Autoencoder) -> bool:
-    """Whether the run's autoencoder turns images into discrete token ids (a masked-token run)."""
-    return autoencoder.output_kind == "tokens"
 
 
 def _probe(named: list[tuple[str, torch.Tensor]]) -> list[float]:

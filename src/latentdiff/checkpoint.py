@@ -23,6 +23,7 @@ from typing import Any
 
 from latentdiff.errors import ConfigError, DiskFullError, disk_full_message
 from latentdiff.files import save_torch
+from latentdiff.renames import canonical_target
 
 CHECKPOINT_PATTERNS = ("last.ckpt", "step_*.ckpt", "hpc_ckpt_*.ckpt")
 
@@ -289,6 +290,8 @@ def _select(container: dict, key: str) -> Any:
 
 
 def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if prefix.endswith("_target_") and isinstance(old, str):
+        old = canonical_target(old)  # a checkpoint written before its class moved
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):

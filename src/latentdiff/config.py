@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by `conf/` and run-time validation of a composed config.
+"""Where `conf/` is, the OmegaConf resolvers it uses, and the check of `group=option` overrides.
 
 Resolvers are registered by `register_resolvers()`, which the entry scripts and the tests call before
 composing a config (no registration at import time).
@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 
 from latentdiff.errors import ConfigError
 from latentdiff.utils import fast_precision
+
+# the repository's conf/ (the package is installed from the repository, editable)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _with_null(num_classes: int) -> int:

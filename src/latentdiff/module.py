@@ -18,12 +18,13 @@ from torch import nn
 
 from latentdiff.compile import compile_backbone
 from latentdiff.data.order import generator_for
-from latentdiff.diffusion import FlowMatching, GaussianDiffusion, null_condition
 from latentdiff.ema import EMA
 from latentdiff.guard import NonFiniteGuard, clip_by_norm, grad_norm
 from latentdiff.lightning_internals import attached_trainer, logs_this_step
 from latentdiff.loggers import wandb_run_id
+from latentdiff.objectives import FlowMatching, GaussianDiffusion
 from latentdiff.rng import rng_states, set_rng_states
+from latentdiff.samplers.cfg import null_condition
 from latentdiff.strategies import shards_parameters
 
 _FROZEN_PREFIX = "autoencoder."
@@ -36,7 +37,7 @@ class DiffusionModule(L.LightningModule):
         backbone: network with `forward(x, timesteps, cond)`.
         autoencoder: frozen `IdentityAutoencoder`, `FrozenAutoencoderKL` or `FrozenVQModel` (token ids).
         diffusion: the training objective around a diffusers scheduler (Gaussian diffusion, flow matching, or
-            masked tokens: `latentdiff.masking.MaskedTokens`).
+            masked tokens: `latentdiff.objectives.masked_tokens.MaskedTokens`).
         optimizer: partial taking the parameters, e.g. `partial(torch.optim.AdamW, lr=2e-4)`.
         lr_scheduler: partial taking the optimizer, stepped every optimizer step; None keeps the LR fixed.
         ema: partial taking the backbone, e.g. `partial(EMA, decay=0.9999)`; None disables EMA.

@@ -19,17 +19,19 @@ from tqdm import tqdm
 
 from latentdiff.checkpoint import backbone_weights, load_checkpoint
 from latentdiff.data.store import LatentStore
-from latentdiff.diffusion import null_condition
 from latentdiff.distributed import device_for, dist_env
 from latentdiff.errors import ConfigError, user_errors
 from latentdiff.files import write_json
-from latentdiff.generation import PromptSet, check_labels, conditions_for, sampler_class
-from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone, check_fits
+from latentdiff.objectives.masked_tokens import check_token_run
+from latentdiff.samplers.cfg import null_condition
+from latentdiff.samplers.conditions import PromptSet, check_labels, conditions_for
+from latentdiff.samplers.fit import check_sampler_fits
+from latentdiff.samplers.image import ImageSampler
 from latentdiff.samples_folder import assemble, check_out, done_indices, write_part, write_pngs
 from latentdiff.trust import STORED_GROUPS, build, check_stored
 from latentdiff.utils import framework_versions
-from latentdiff.validation import check_config, check_sampler_fits, check_targets, check_values, plain
+from latentdiff.validation import check_config, check_targets, check_values, plain
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def _build(cfg: DictConfig, run: DictConfig, ckpt: dict | None, device: torch.de
     elif num_classes > 0:
         check_labels(OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels, num_classes)
     check_token_run(backbone, autoencoder, objective)
-    sampler = sampler_class(autoencoder)(
+    sampler = ImageSampler(
         backbone,
         autoencoder,
         objective.scheduler,

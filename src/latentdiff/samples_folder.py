@@ -22,6 +22,7 @@ import torch
 
 from latentdiff.errors import ConfigError, shorten
 from latentdiff.files import replacing, save_array, write_json
+from latentdiff.renames import canonical_target
 
 # keys of samples.json that may differ when a folder is resumed or extended
 NOT_IDENTITY = ("num_samples", "batch_size", "versions", "complete")
@@ -52,6 +53,8 @@ def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: record}
     out: dict[str, Any] = {}
     for key, value in record.items():
+        if key == "_target_" and isinstance(value, str):
+            value = canonical_target(value)  # a folder written before a class moved holds its old name
         out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 

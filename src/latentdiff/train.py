@@ -18,11 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from latentdiff.checkpoint import check_resumable, checkpoints, load_checkpoint, read_torch_file, save_checkpoint
 from latentdiff.distributed import rank_zero_process
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
-from latentdiff.generation import check_sampler
 from latentdiff.loggers import RunCSVLogger
-from latentdiff.masking import check_token_run
 from latentdiff.models import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
+from latentdiff.objectives.masked_tokens import check_token_run
 from latentdiff.rundir import latest_checkpoint, no_resume, stopped_before_first_checkpoint
 from latentdiff.runlock import claim
 from latentdiff.strategies import check_strategy, install_hydra_launch, trainer_batch
@@ -214,9 +213,6 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
-        if cfg.get("sampler"):  # the grids and FID sample with it: fail now, not after hours of training
-            interval = cfg.sampler.get("guidance_interval")
-            check_sampler(instantiate(cfg.sampler.scheduler), module.diffusion.scheduler, interval)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
         check_condition(module.backbone, bool(getattr(datamodule, "text", False)), module.num_classes)

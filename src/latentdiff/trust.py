@@ -8,7 +8,8 @@ autoencoders and objectives, and the diffusers schedulers its configs use). The 
 anything is built: every `_target_` must be in the list (nested ones too), `_partial_` only where the entry is a
 partial (a sampler's `from_config`), no other Hydra key (`_args_`, `_recursive_`, ...), no interpolation, and
 only plain values (numbers, strings, booleans, None, lists, dicts). Objects are then built bottom-up by calling
-the listed callables with plain Python values (Hydra's `_convert_: all`).
+the listed callables with plain Python values (Hydra's `_convert_: all`). A config stored before a class moved
+names it by its old dotted path: `LEGACY_TARGETS` maps those to the current names (`canonical_target`).
 
 `tests/test_trust.py` checks that every `_target_` of `conf/model`, `conf/vae`, `conf/diffusion` and
 `conf/sampler` is in the list, so a new preset of a new class fails a test until the class is added here.
@@ -21,6 +22,7 @@ import importlib
 from typing import Any
 
 from latentdiff.errors import ConfigError
+from latentdiff.renames import canonical_target
 
 # dotted name -> how it is called: "class" (called with its arguments) or "partial" (`_partial_: true`, a
 # sampler's `from_config` that is called later with the training scheduler's config)
@@ -35,9 +37,9 @@ ALLOWED: dict[str, str] = {
     "latentdiff.autoencoder.FrozenAutoencoderKL": "class",
     "latentdiff.autoencoder.FrozenVQModel": "class",
     # objectives and their training schedulers
-    "latentdiff.diffusion.GaussianDiffusion": "class",
-    "latentdiff.diffusion.FlowMatching": "class",
-    "latentdiff.masking.MaskedTokens": "class",
+    "latentdiff.objectives.gaussian.GaussianDiffusion": "class",
+    "latentdiff.objectives.flow.FlowMatching": "class",
+    "latentdiff.objectives.masked_tokens.MaskedTokens": "class",
     "diffusers.DDPMScheduler": "class",
     "diffusers.FlowMatchEulerDiscreteScheduler": "class",
     "diffusers.AmusedScheduler": "class",
@@ -80,6 +82,8 @@ def check(node: Any, where: str, key: str, built: bool = True) -> None:
     """
     if isinstance(node, dict):
         target = node.get("_target_")
+        if isinstance(target, str):
+            target = canonical_target(target)
         if "_target_" in node and built:
             if not isinstance(target, str) or target not in ALLOWED:
                 raise _refuse(where, f"{key}._target_={_show(target)}", "is not a class latentdiff builds")
@@ -107,12 +111,26 @@ STORED_GROUPS = {"model": True, "vae": True, "diffusion": True, "sampler": True,
 
 
 def check_stored(config: dict, where: str) -> None:
-    """`check` every group of a stored run config that sampling or export reads (`STORED_GROUPS`)."""
+    """`check` every group of a stored run config that sampling or export reads (`STORED_GROUPS`), after
+    renaming, in place, the old `_target_` names of its built groups to the current ones (`LEGACY_TARGETS`)."""
     for group, built in STORED_GROUPS.items():
         value = config.get(group)
         if value is not None and not isinstance(value, dict):
             raise _refuse(where, f"{group}={_show(value)}", "is not a config group (a mapping)")
+        if built:
+            _rename_legacy(value)
         check(value, where, group, built)
+
+
+def _rename_legacy(node: Any) -> None:
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            node["_target_"] = canonical_target(node["_target_"])
+        for value in node.values():
+            _rename_legacy(value)
+    elif isinstance(node, list):
+        for value in node:
+            _rename_legacy(value)
 
 
 def build(node: Any, where: str, key: str) -> Any:
@@ -124,6 +142,7 @@ def build(node: Any, where: str, key: str) -> Any:
     check(node, where, key)
     roles = _ROLES.get(key)
     target = node.get("_target_") if isinstance(node, dict) else None
+    target = canonical_target(target) if isinstance(target, str) else target
     if roles is not None and not (isinstance(target, str) and target.startswith(roles)):
         raise _refuse(where, f"{key}._target_={_show(target)}", f"is not a {key} class (one of {', '.join(roles)}*)")
     try:
@@ -139,7 +158,7 @@ def build(node: Any, where: str, key: str) -> Any:
 _ROLES = {
     "model": ("latentdiff.models.",),
     "vae": ("latentdiff.autoencoder.",),
-    "diffusion": ("latentdiff.diffusion.", "latentdiff.masking."),
+    "diffusion": ("latentdiff.objectives.",),
     "diffusion.scheduler": ("diffusers.",),
     "sampler.scheduler": ("diffusers.",),
 }
@@ -153,12 +172,12 @@ def _build(node: Any) -> Any:
     kwargs = {k: _build(v) for k, v in node.items() if k not in _HYDRA_KEYS}
     if "_target_" not in node:
         return kwargs
-    target = node["_target_"]
-    fn = _locate(target)
+    target = canonical_target(node["_target_"])
+    fn = locate(target)
     return functools.partial(fn, **kwargs) if ALLOWED[target] == "partial" else fn(**kwargs)
 
 
-def _locate(target: str) -> Any:
+def locate(target: str) -> Any:
     """The object of an allowed dotted name (`module.Class` or `module.Class.method`)."""
     parts = target.split(".")
     for split in range(len(parts) - 1, 0, -1):

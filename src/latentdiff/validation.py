@@ -18,7 +18,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from latentdiff.diffusion import DIFFUSION_SAMPLERS
 from latentdiff.errors import ConfigError, shorten
 from latentdiff.rules import ENTRY_RULES, Rule, rule_for
 from latentdiff.signatures import MISSING, check_targets, describe, fits, leaves
@@ -115,6 +114,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and what is allowed.
     """
+    from latentdiff.samplers.fit import check_sampler_fits  # imports diffusers: only for a training config
+
     _check_training_data(cfg)  # first: an extraction source lacks the keys the rest reads
     check_config(cfg, "train", targets=False)
     check_sampler_fits(cfg)  # before the sampler's own arguments: "this sampler does not fit" says more
@@ -179,38 +180,3 @@ def check_machine(cfg: DictConfig) -> None:
             "trainer.precision=transformer-engine needs NVIDIA's transformer_engine, which is not installed; "
             "use bf16-mixed, or install transformer-engine"
         )
-
-
-def check_sampler_fits(cfg: DictConfig, sampler_key: str = "sampler.scheduler") -> None:
-    """A flow-matching objective needs a FlowMatch* sampler, a Gaussian one any other (checked on targets).
-
-    Raises:
-        ConfigError: naming the sampler, the objective and the samplers that fit.
-    """
-    objective = str(OmegaConf.select(cfg, "diffusion._target_", default="") or "")
-    sampler = str(OmegaConf.select(cfg, f"{sampler_key}._target_", default="") or "")
-    if not objective or not sampler:
-        return
-    token_objective, token_sampler = objective.endswith("MaskedTokens"), "AmusedScheduler" in sampler
-    if token_objective or token_sampler:
-        if token_objective != token_sampler:
-            name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
-            kind, allowed = (
-                ("masked-token", "amused")
-                if token_objective
-                else ("diffusion", f"{DIFFUSION_SAMPLERS} (or diffusion=masked_tokens for a token model)")
-            )
-            raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")
-        from latentdiff.masking import check_token_config
-
-        try:
-            check_token_config(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return
-    flow_objective, flow_sampler = objective.endswith("FlowMatching"), "FlowMatch" in sampler
-    if flow_objective != flow_sampler:
-        name = sampler.split(".")[-2] if sampler.endswith("from_config") else sampler.split(".")[-1]
-        allowed = "flow_euler or flow_heun" if flow_objective else "ddpm, ddim, dpm_solver, euler or heun"
-        kind = "flow-matching" if flow_objective else "Gaussian-diffusion"
-        raise ConfigError(f"{sampler_key}={name} cannot sample a {kind} model (diffusion); use sampler={allowed}")

@@ -43,7 +43,7 @@ class SamplingCallback(L.Callback):
 
     def sampler(self, pl_module: L.LightningModule) -> Any:
         """The `ImageSampler` of the module's sampling (EMA) backbone with this callback's settings."""
-        from latentdiff.generation import module_sampler
+        from latentdiff.samplers.image import module_sampler
 
         return module_sampler(
             pl_module,
@@ -257,9 +257,9 @@ class FID(SamplingCallback):
     @torch.no_grad()
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """FID-N of the module's sampling (EMA) backbone; the same value is returned on every rank."""
-        from latentdiff.generation import PromptSet, conditions_for
         from latentdiff.inception import FID_LAYER
         from latentdiff.metrics import compute_metrics
+        from latentdiff.samplers.conditions import PromptSet, conditions_for
 
         self._prepare(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size

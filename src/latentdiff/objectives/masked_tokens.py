@@ -1,9 +1,9 @@
-"""Masked-token training and sampling (MaskGIT, Chang et al. 2022; aMUSEd, Patil et al. 2024) around diffusers'
-`AmusedScheduler`, for token backbones (`model=uvit2d`) on VQ token ids (`vae=vq_*`).
+"""Masked-token training (MaskGIT, Chang et al. 2022; aMUSEd, Patil et al. 2024) around diffusers'
+`AmusedScheduler`, for token backbones (`model=uvit2d`) on VQ token ids (`vae=vq_*`), and the checks that tie
+the backbone, the VQ model and the objective together. Sampling: `latentdiff.samplers.unmask`.
 
-The schedule and the iterative unmasking come from `AmusedScheduler` (its `mask_token_id`, `masking_schedule`,
-`set_timesteps` temperatures and `step`); this module writes what diffusers leaves to the training script, as
-aMUSEd's `train_amused.py` does it, and the per-sample sampling loop.
+The schedule comes from `AmusedScheduler` (its `mask_token_id` and `masking_schedule`); this module writes what
+diffusers leaves to the training script, as aMUSEd's `train_amused.py` does it.
 
 Glossary:
     x0     token ids of the clean image (B, h, w) int64 in [0, K), K = codebook size
@@ -13,27 +13,23 @@ Glossary:
     n      masked tokens per image: round(gamma * h * w), at least 1
     u      uniform noise (B, h, w): the tokens whose rank in u is below n are masked (a uniformly random subset
            of exactly n tokens, aMUSEd's `rand(...).argsort()`)
-    w      classifier-free guidance weight on the logits: uncond + w * (cond - uncond), as aMUSEd's pipeline
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AmusedScheduler
 
-from latentdiff.autoencoder import is_tokenizer
-from latentdiff.diffusion import Generators, guided_output
+from latentdiff.objectives.base import Backbone, Objective
 
 MASKING_SCHEDULES = ("cosine", "linear")
-UNMASK_OPTIONS = ("temperature", "starting_mask_ratio")  # sampler.step_kwargs of the unmasking loop
 
 
-class MaskedTokens:
+class MaskedTokens(Objective):
     """The masked-token objective: cross-entropy of the original ids at the masked positions.
 
     Args:
@@ -43,6 +39,9 @@ class MaskedTokens:
         label_smoothing: of the cross-entropy (MaskGIT uses 0.1; aMUSEd 0).
     """
 
+    kind = "masked-token"
+    input_kind = "tokens"
+    scheduler_class = AmusedScheduler
     prediction_type = "tokens"
 
     def __init__(self, scheduler: AmusedScheduler, min_masking_rate: float = 0.0, label_smoothing: float = 0.0):
@@ -66,12 +65,24 @@ class MaskedTokens:
         self.masking_schedule = schedule
         self.min_masking_rate, self.label_smoothing = float(min_masking_rate), float(label_smoothing)
 
+    @classmethod
+    def takes_sampler(cls, scheduler_class: type) -> bool:
+        """Only iterative unmasking (`AmusedScheduler`)."""
+        return issubclass(scheduler_class, AmusedScheduler)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """The numbers of a masked-token run agree (`check_token_config`)."""
+        check_token_config(cfg)
+
     def mask_fraction(self, r: torch.Tensor) -> torch.Tensor:
         """gamma(r) (B,): the fraction of tokens masked at masking time r, the scheduler's schedule."""
         gamma = torch.cos(r * math.pi / 2) if self.masking_schedule == "cosine" else 1.0 - r
         return gamma.clamp(min=self.min_masking_rate)
 
-    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Masking times r (B,) uniform in [0, 1), float32."""
         where = generator.device if generator is not None else device
         return torch.rand((batch_size,), generator=generator, device=where).to(device)
@@ -91,7 +102,7 @@ class MaskedTokens:
 
     def loss(
         self,
-        model: Callable[..., torch.Tensor],
+        model: Backbone,
         x0: torch.Tensor,
         cond: torch.Tensor | None,
         t: torch.Tensor | None = None,
@@ -127,46 +138,27 @@ class MaskedTokens:
         return (ce * weight).sum() / weight.sum(), per_image.detach()
 
 
-def check_token_run(backbone: Any, autoencoder: Any, objective: Any) -> None:
-    """Raise one line when the backbone, the VQ model and the masked-token objective do not fit together."""
-    tokens = [
-        ("diffusion", isinstance(objective, MaskedTokens), "diffusion=masked_tokens"),
-        ("model", backbone.input_kind == "tokens", "model=uvit2d or uvit2d_tiny"),
-        ("vae", is_tokenizer(autoencoder), "vae=vq_amused256, vq_local or vq_tiny"),
-    ]
-    if not any(is_token for _, is_token, _ in tokens):
-        return
-    if not all(is_token for _, is_token, _ in tokens):
-        wrong = [key for key, is_token, _ in tokens if not is_token]
-        need = "; ".join(what for _, _, what in tokens)
-        verb = "is" if len(wrong) == 1 else "are"
-        raise ValueError(f"a masked-token run needs {need}; {' and '.join(wrong)} {verb} not set for one")
-    if backbone.codebook_size != autoencoder.codebook_size:
-        raise ValueError(codebook_error(backbone.codebook_size, autoencoder.codebook_size, autoencoder.pretrained))
-    if objective.mask_token_id != backbone.mask_token_id:
-        raise ValueError(mask_id_error(objective.mask_token_id, backbone.vocab_size))
+def check_token_run(backbone: Any, autoencoder: Any, objective: Objective) -> None:
+    """Raise one line when the backbone, the autoencoder and the objective do not all read token ids, or all not.
 
-
-def check_text_rows(backbone: Any, text_meta: dict | None, key: str) -> None:
-    """A text-conditional token backbone reads the pooled embedding from the last feature row exactly when the
-    store's text encoder wrote one there (`text_encoder.pooled=true`).
-
-    Raises:
-        ValueError: one line naming `model.pooled_text`, the store (`key`) and what to set.
+    The numbers (codebook, vocabulary, mask id) are checked on the config before anything is built
+    (`check_token_config`), and the VQ model's real codebook against the declared one when it loads.
     """
-    if not getattr(backbone, "text_conditioning", False) or not text_meta:
+    tokens = [
+        ("diffusion", objective.input_kind == "tokens", "diffusion=masked_tokens"),
+        ("model", backbone.input_kind == "tokens", "model=uvit2d or uvit2d_tiny"),
+        ("vae", autoencoder.output_kind == "tokens", "vae=vq_amused256, vq_local or vq_tiny"),
+    ]
+    if not any(is_token for _, is_token, _ in tokens) or all(is_token for _, is_token, _ in tokens):
         return
-    stored = bool(text_meta.get("pooled"))
-    if backbone.pooled_text != stored:
-        held = "ends with the pooled embedding" if stored else "holds no pooled embedding (hidden states only)"
-        raise ValueError(
-            f"model.pooled_text={str(backbone.pooled_text).lower()} but {key}'s text features {held}; set "
-            f"model.pooled_text={str(stored).lower()}"
-            + ("" if stored else " or extract with text_encoder.pooled=true (aMUSEd: text_encoder=amused)")
-        )
+    wrong = [key for key, is_token, _ in tokens if not is_token]
+    need = "; ".join(what for _, _, what in tokens)
+    verb = "is" if len(wrong) == 1 else "are"
+    raise ValueError(f"a masked-token run needs {need}; {' and '.join(wrong)} {verb} not set for one")
 
 
 def codebook_error(model_codes: int, vq_codes: int, where: str) -> str:
+    """The one-line error of a model codebook that is not the VQ model's."""
     return (
         f"model.codebook_size={model_codes} does not match the VQ model's codebook of {vq_codes} codes ({where}); "
         f"set model.codebook_size={vq_codes}"
@@ -174,6 +166,7 @@ def codebook_error(model_codes: int, vq_codes: int, where: str) -> str:
 
 
 def mask_id_error(mask_id: int, vocab: int) -> str:
+    """The one-line error of a mask id that is not the vocabulary's last id."""
     return (
         f"diffusion.scheduler.mask_token_id={mask_id} is not the model's mask id model.vocab_size - 1 = {vocab - 1}; "
         f"set diffusion.scheduler.mask_token_id={vocab - 1}"
@@ -183,8 +176,7 @@ def mask_id_error(mask_id: int, vocab: int) -> str:
 def check_token_config(cfg: Any) -> None:
     """The numbers of a masked-token run agree, checked on the composed config before anything is built: the
     model's codebook is the VQ model's (as declared by `vae.codebook_size`), the vocabulary has room for the mask
-    id, the mask id is the vocabulary's last, and every sampler (`sampler`, the grid and FID callbacks) takes only
-    the unmasking loop's options.
+    id, and the mask id is the vocabulary's last.
 
     Raises:
         ValueError: one line naming the key, the value and what to set.
@@ -193,89 +185,11 @@ def check_token_config(cfg: Any) -> None:
 
     from latentdiff.models.uvit2d import vocab_error
 
-    def get(key: str) -> Any:
-        return OmegaConf.select(cfg, key, default=None)
-
     keys = ("model.codebook_size", "vae.codebook_size", "model.vocab_size", "diffusion.scheduler.mask_token_id")
-    codes, vq_codes, vocab, mask = (get(k) for k in keys)
+    codes, vq_codes, vocab, mask = (OmegaConf.select(cfg, k, default=None) for k in keys)
     if codes is not None and vq_codes is not None and int(codes) != int(vq_codes):
         raise ValueError(codebook_error(codes, vq_codes, "vae.codebook_size"))
     if codes is not None and vocab is not None and int(vocab) < int(codes) + 1:
         raise ValueError(vocab_error(vocab, codes))
     if mask is not None and vocab is not None and int(mask) != int(vocab) - 1:
         raise ValueError(mask_id_error(mask, vocab))
-    samplers = {"sampler": get("sampler")}
-    samplers.update({f"callbacks.{k}": v for k, v in (get("callbacks") or {}).items() if v and "step_kwargs" in v})
-    for key, sampler in samplers.items():
-        if sampler is not None:
-            check_unmask_options(sampler.get("step_kwargs") or {}, sampler.get("guidance_interval"), key)
-
-
-def check_unmask_options(
-    step_kwargs: dict[str, Any], guidance_interval: Sequence[float] | None, key: str = "sampler"
-) -> None:
-    """Raise one line for a `<key>.step_kwargs` entry the unmasking loop does not take, or a guidance interval."""
-    unknown = sorted(set(step_kwargs) - set(UNMASK_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"{key}.step_kwargs.{unknown[0]} is not an option of the masked-token sampler; use "
-            f"{' or '.join(UNMASK_OPTIONS)}"
-        )
-    if guidance_interval is not None:
-        raise ValueError(
-            f"{key}.guidance_interval is not supported by the masked-token sampler (its steps are not noise "
-            f"levels); use {key}.guidance_interval=null"
-        )
-
-
-@torch.no_grad()
-def unmask_loop(
-    model: Callable[..., torch.Tensor],
-    scheduler: AmusedScheduler,
-    shape: tuple[int, int, int],
-    num_steps: int,
-    cond: torch.Tensor | None = None,
-    null_cond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    generator: Generators = None,
-    temperature: float | Sequence[float] = (2.0, 0.0),
-    starting_mask_ratio: float = 1.0,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Iterative unmasking with `AmusedScheduler` from an all-mask image to token ids (aMUSEd's pipeline loop).
-
-    Args:
-        model: token backbone (usually the EMA copy), model(ids, t, cond) -> logits (B, K, h, w).
-        scheduler: a sampling `AmusedScheduler`; its state is reset here.
-        shape: (B, h, w) of the token grid.
-        num_steps: unmasking steps.
-        cond, null_cond, guidance_scale: as in `latentdiff.diffusion.guided_output` (on the logits).
-        generator: one generator, or one per sample: then each sample's draws (the token choices and the Gumbel
-            noise of the re-masking) depend only on its own generator, and `scheduler.step` runs per sample.
-        temperature: Gumbel temperature of the re-masking, [start, end] linearly over the steps (aMUSEd: [2, 0]).
-        starting_mask_ratio: scales the schedule's mask ratio (`AmusedScheduler.step`).
-
-    Returns:
-        Token ids (B, h, w) int64 in [0, K).
-    """
-    if num_steps < 1:
-        raise ValueError(f"sampler.steps={num_steps} must be >= 1")
-    if isinstance(temperature, Sequence) and not isinstance(temperature, str):  # also OmegaConf's ListConfig
-        temperature = tuple(float(v) for v in temperature)
-    else:
-        temperature = float(temperature)
-    scheduler.set_timesteps(num_steps, temperature, device=device)
-    x = torch.full(shape, int(scheduler.config.mask_token_id), dtype=torch.long, device=device)  # (B, h, w)
-    for t in scheduler.timesteps:
-        t_batch = t.expand(shape[0])  # (B,)
-        logits = guided_output(model, x, t_batch, cond, null_cond, guidance_scale).float()  # (B, K, h, w)
-        if isinstance(generator, list):  # per sample: a draw never depends on the other samples of the batch
-            x = torch.cat(
-                [
-                    scheduler.step(logits[i : i + 1], t, x[i : i + 1], starting_mask_ratio, g, return_dict=False)[0]
-                    for i, g in enumerate(generator)
-                ]
-            )
-        else:
-            x = scheduler.step(logits, t, x, starting_mask_ratio, generator, return_dict=False)[0]  # (B, h, w)
-    return x

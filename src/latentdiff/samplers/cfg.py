@@ -1,0 +1,55 @@
+"""Classifier-free guidance: the project's one helper, and the null condition it guides against.
+
+Convention (diffusers/DiT): out = uncond + w * (cond - uncond) on all channels; w = 1 is no guidance.
+U-ViT's `scale` s is w = 1 + s (its ImageNet-256 setting s = 0.4 is w = 1.4). On token logits (the unmasking
+loop) the same formula applies, as in aMUSEd's pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentdiff.objectives.base import Backbone
+
+
+def null_condition(
+    cond: torch.Tensor | None, num_classes: int, null_text: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The unconditional input shaped like `cond`: the null class id `num_classes`, or the empty-prompt
+    features `null_text` (L, D) for text features (B, L, D)."""
+    if cond is None:
+        return None
+    if not cond.is_floating_point():
+        return torch.full_like(cond, num_classes)
+    if null_text is None:
+        raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
+    return null_text.to(cond.device, cond.dtype).expand_as(cond)
+
+
+def guided_output(
+    model: Backbone,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor | None,
+    null_cond: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance: uncond + w * (cond - uncond) on all channels.
+
+    Conditional and unconditional halves run in one batch. With w == 1 or no condition the model runs once.
+
+    Args:
+        model: backbone, model(x, t, cond).
+        x: (B, C, h, w) noisy latents, or (B, h, w) token ids.
+        t: (B,) timesteps.
+        cond: (B,) class ids or (B, L, D) text features, or None.
+        null_cond: the "no condition" input shaped like cond (null class id / empty-prompt features).
+        guidance_scale: w (diffusers/DiT convention; U-ViT's scale s is w = 1 + s).
+    """
+    if cond is None or guidance_scale == 1.0:
+        return model(x, t, cond)
+    if null_cond is None:
+        raise ValueError("guidance_scale != 1 needs an unconditional input (null class or empty prompt)")
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))  # (2B, ...)
+    out_cond, out_uncond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
