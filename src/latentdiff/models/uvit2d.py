@@ -1,7 +1,8 @@
 """diffusers' `UVit2DModel` (the aMUSEd transformer, Patil et al. 2024) behind the backbone contract.
 
 It is not Bao et al.'s U-ViT (`latentdiff.models.uvit`): it reads VQ-GAN token ids, not noisy latents, and
-returns logits over the codebook for each token (masked-token / MaskGIT training, `latentdiff.objectives.masked_tokens`):
+returns logits over the codebook for each token (masked-token / MaskGIT training,
+`latentdiff.objectives.masked_tokens`):
 
     forward(ids, timesteps, cond) -> logits      ids (B, h, w) int64 in [0, vocab_size), mask id vocab_size - 1
                                                  logits (B, codebook_size, h, w)
