@@ -204,7 +204,7 @@ def component_rows(args: argparse.Namespace, model: str, batch: int) -> list[dic
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from latentdiff.ema import EMA
-    from latentdiff.models import build_backbone
+    from latentdiff.models.build import build_backbone
 
     device, rows = args.device, []
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from latentdiff.config import check_group_choices
 from latentdiff.errors import ConfigError
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.renames import canonical_target
 from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.utils import native_bf16

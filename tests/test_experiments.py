@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from latentdiff.extract import run_extraction
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.train import run_training
 
 from .artefacts import (

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from latentdiff.flops import ModelCost, config_cost, dummy_cond, main, model_cost
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.models.uvit import UViT
 
 # U-ViT paper (Bao et al. 2023), ImageNet 256x256 on 32x32x4 latents: (params, GFLOPs, which are MACs)

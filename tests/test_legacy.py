@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from latentdiff.autoencoder import FrozenAutoencoderKL
 from latentdiff.data import LatentDataModule, LatentStore
 from latentdiff.export import load_exported
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 from latentdiff.verify import main as verify_main

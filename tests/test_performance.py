@@ -15,7 +15,7 @@ import torch
 from latentdiff.compile import compile_regions
 from latentdiff.ema import EMA
 from latentdiff.errors import ConfigError
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.train import build_module, run_training
 from latentdiff.validation import validate_train_config
 

@@ -197,7 +197,7 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
     from diffusers import DDPMScheduler
 
     from latentdiff.export import export, load_exported
-    from latentdiff.models import build_backbone
+    from latentdiff.models.build import build_backbone
     from latentdiff.train import run_training
 
     from .conftest import TINY_RUN

@@ -232,7 +232,7 @@ def _csv(path: Path) -> list[dict]:
 def test_model_pretrained_loads_weights_files_and_sets_the_official_offset(compose_cfg, tmp_path):
     from safetensors.torch import save_file
 
-    from latentdiff.models import build_backbone
+    from latentdiff.models.build import build_backbone
 
     torch.manual_seed(0)
     source = build_backbone(compose_cfg(TINY_RUN).model)

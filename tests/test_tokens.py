@@ -23,7 +23,7 @@ from latentdiff.errors import ConfigError
 from latentdiff.evaluate import run_evaluation
 from latentdiff.export import export, load_exported
 from latentdiff.extract import run_extraction
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.models.uvit2d import UVit2D
 from latentdiff.objectives.masked_tokens import MaskedTokens
 from latentdiff.sample import run_sampling

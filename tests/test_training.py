@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from latentdiff.errors import ConfigError
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.train import build_module, run_training
 
 from .conftest import TINY_RUN

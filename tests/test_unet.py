@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from latentdiff.config import register_resolvers
-from latentdiff.models import build_backbone
+from latentdiff.models.build import build_backbone
 from latentdiff.models.unet import UNet, UNetCond
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

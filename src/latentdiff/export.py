@@ -27,7 +27,9 @@ from torch import nn
 
 from latentdiff.checkpoint import backbone_weights, load_checkpoint
 from latentdiff.errors import ConfigError, user_errors
-from latentdiff.models import Backbone, build_backbone, load_pretrained
+from latentdiff.models.build import build_backbone
+from latentdiff.models.contract import Backbone
+from latentdiff.models.weights import load_pretrained
 from latentdiff.trust import build, check_stored
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config

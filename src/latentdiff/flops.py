@@ -187,7 +187,7 @@ def config_cost(cfg: DictConfig) -> ModelCost:
     Raises:
         ConfigError: the model cannot be built from the config (one line naming the key).
     """
-    from latentdiff.models import build_backbone
+    from latentdiff.models.build import build_backbone
 
     with _config_errors():
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

@@ -1,9 +1,8 @@
-"""What `train.py` checks on the composed config before Hydra starts and before Lightning or diffusers load.
+"""What `train.py` checks on the composed config before Hydra starts and before torch, Lightning or diffusers load.
 
-A mistake in the model's shape (`model.patch_size=3` on a 32-pixel input) is found by building the backbone on
-the meta device (no memory, no weights): its constructor holds the checks, so they exist once. Only the U-ViT
-family is built here (it needs torch alone); the diffusers UNets are checked by the job as before, since
-importing diffusers is what this step avoids. Then the run directory is checked and claimed
+A mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
+checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place), which need no torch. Other
+backbones are checked by the job when it builds them. Then the run directory is checked and claimed
 (`rundir.check_location`).
 """
 
@@ -12,34 +11,32 @@ from __future__ import annotations
 from typing import Any
 
 from latentdiff.errors import user_errors
+from latentdiff.models.uvit_args import check_uvit_args
+from latentdiff.renames import canonical_target
 from latentdiff.rundir import check_location
 
-# backbones whose module imports nothing heavier than torch
-_LIGHT_BACKBONES = ("latentdiff.models.uvit.",)
+# the torch-free argument checks of a backbone, by its `_target_`
+ARGUMENT_CHECKS = {"latentdiff.models.uvit.UViT": check_uvit_args}
 
 
 def check_model(cfg: Any) -> None:
-    """Build `cfg.model` on the meta device when that is cheap; its constructor's error is one line.
+    """Run the model's torch-free argument checks on `cfg.model`, where it has them.
 
     Raises:
-        ConfigError: the model cannot be built from the config (naming the key, as the constructor does).
+        ConfigError: naming the key, the value and what is allowed.
     """
     from omegaconf import OmegaConf
 
     target = OmegaConf.select(cfg, "model._target_", default=None)
-    if not isinstance(target, str) or not target.startswith(_LIGHT_BACKBONES):
+    check = ARGUMENT_CHECKS.get(canonical_target(target)) if isinstance(target, str) else None
+    if check is None:
         return
     try:
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     except Exception:  # an interpolation only the job can resolve: the job checks it
         return
-    model_cfg["pretrained"] = None
-    import torch
-
-    from latentdiff.models import build_backbone
-
-    with user_errors(), torch.device("meta"):
-        build_backbone(model_cfg)
+    with user_errors():
+        check(**{k: v for k, v in model_cfg.items() if not k.startswith("_")})
 
 
 def check_train(cfg: Any, args: list[str]) -> None:

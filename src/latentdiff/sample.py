@@ -22,7 +22,8 @@ from latentdiff.data.store import LatentStore
 from latentdiff.distributed import device_for, dist_env
 from latentdiff.errors import ConfigError, user_errors
 from latentdiff.files import write_json
-from latentdiff.models import build_backbone, check_fits
+from latentdiff.models.build import build_backbone
+from latentdiff.models.weights import check_fits
 from latentdiff.objectives.masked_tokens import check_token_run
 from latentdiff.samplers.cfg import null_condition
 from latentdiff.samplers.conditions import PromptSet, check_labels, conditions_for

@@ -180,11 +180,22 @@ def _nodes(node: Any, prefix: str = ""):
 
 
 def suggest(key: str, values: Mapping[str, Any]) -> str | None:
-    """The known key closest to a misspelt one (`trainer.max_step` -> `trainer.max_steps`), if any is close."""
+    """The known key closest to a misspelt one (`trainer.max_step` -> `trainer.max_steps`), if any is close.
+
+    A near-exact sibling among the config's own keys (a missing or extra letter) is answered without importing
+    any class; otherwise the constructor parameters of the `_target_` nodes are read too (which imports them).
+    """
+    own = [k for k, _ in leaves(values)]
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    if key in own:
+        return key
+    own_siblings = [k for k in own if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+    near = difflib.get_close_matches(key, own_siblings, n=1, cutoff=0.9)
+    if near:
+        return near[0]
     keys = known_keys(values)
     if key in keys:
         return key
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
     siblings = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
     for pool in (siblings, keys):
         close = difflib.get_close_matches(key, pool, n=1, cutoff=0.75)

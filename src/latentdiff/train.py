@@ -19,7 +19,7 @@ from latentdiff.checkpoint import check_resumable, checkpoints, load_checkpoint,
 from latentdiff.distributed import rank_zero_process
 from latentdiff.errors import ConfigError, NothingToDo, user_errors
 from latentdiff.loggers import RunCSVLogger
-from latentdiff.models import build_backbone, check_condition
+from latentdiff.models.build import build_backbone, check_condition
 from latentdiff.module import DiffusionModule
 from latentdiff.objectives.masked_tokens import check_token_run
 from latentdiff.rundir import latest_checkpoint, no_resume, stopped_before_first_checkpoint

@@ -21,22 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from latentdiff.models.contract import Backbone
-
-SKIP_MODES = ("concat_linear", "add", "linear_skip_add", "linear_after_add", "none")
-CONV_MODES = ("after", "before", "none")
-TIME_CONDS = ("token", "adaln")
-PATCH_EMBED_TYPES = ("linear", "conv")
-POS_EMBED_TYPES = ("learned", "sincos")
-
-
-def _choice(arg: str, value: object, allowed: tuple[str, ...], aliases: dict | None = None) -> str:
-    """Map a config value (a bool alias or one of `allowed`) to its string, or raise a one-line error."""
-    if isinstance(value, bool) and aliases is not None:
-        return aliases[value]
-    if isinstance(value, str) and value in allowed:
-        return value
-    names = ([str(k) for k in aliases] if aliases else []) + [repr(a) for a in allowed]
-    raise ValueError(f"model.{arg}={value!r} is not allowed; use one of {', '.join(names)}")
+from latentdiff.models.uvit_args import check_uvit_args
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -226,26 +211,12 @@ class UViT(Backbone):
         pos_embed_type: str = "learned",
     ):
         super().__init__()
-        skip = _choice("skip", skip, SKIP_MODES, {True: "concat_linear", False: "none"})
-        self.conv = _choice("conv", conv, CONV_MODES, {True: "after", False: "none"})
-        time_cond = _choice("time_cond", time_cond, TIME_CONDS)
-        patch_embed_type = _choice("patch_embed_type", patch_embed_type, PATCH_EMBED_TYPES)
-        pos_embed_type = _choice("pos_embed_type", pos_embed_type, POS_EMBED_TYPES)
-        if img_size % patch_size:
-            divisors = ", ".join(str(d) for d in range(1, img_size + 1) if img_size % d == 0)
-            raise ValueError(
-                f"model.patch_size={patch_size} does not divide the input size {img_size}; use one of {divisors}"
-            )
-        if patch_embed_type == "conv" and patch_size & (patch_size - 1):
-            raise ValueError(f"model.patch_size={patch_size} must be a power of 2 with model.patch_embed_type='conv'")
-        if embed_dim % num_heads:
-            raise ValueError(f"model.embed_dim={embed_dim} is not a multiple of model.num_heads={num_heads}")
-        if pos_embed_type == "sincos" and embed_dim % 4:
-            raise ValueError(f"model.embed_dim={embed_dim} must be a multiple of 4 with model.pos_embed_type='sincos'")
-        if clip_dim is not None and num_classes > 0:
-            raise ValueError(
-                f"model.clip_dim={clip_dim} (text conditioning) needs model.num_classes=-1, got {num_classes}"
-            )
+        modes = check_uvit_args(
+            img_size, patch_size, embed_dim, num_heads, num_classes, conv, skip, clip_dim, time_cond,
+            patch_embed_type, pos_embed_type,
+        )  # fmt: skip
+        skip, self.conv, time_cond = modes["skip"], modes["conv"], modes["time_cond"]
+        patch_embed_type, pos_embed_type = modes["patch_embed_type"], modes["pos_embed_type"]
         self.embed_dim, self.in_chans, self.patch_size = embed_dim, in_chans, patch_size
         self.num_classes, self.clip_dim, self.num_clip_token = num_classes, clip_dim, num_clip_token
         # what `cond` is (the backbone contract): class ids, text features or nothing; and the class rows
