@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
-Backbone = Callable[..., torch.Tensor]
+from latentdiff.models.contract import Backbone
+
 Generators = torch.Generator | list[torch.Generator] | None
 
 

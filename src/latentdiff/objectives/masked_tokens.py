@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AmusedScheduler
 
-from latentdiff.objectives.base import Backbone, Objective
+from latentdiff.models.contract import Backbone
+from latentdiff.objectives.base import Objective
 
 MASKING_SCHEDULES = ("cosine", "linear")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from latentdiff.objectives.base import Backbone
+from latentdiff.models.contract import Backbone
 
 
 def null_condition(

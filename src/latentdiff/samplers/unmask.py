@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from diffusers import AmusedScheduler
 
-from latentdiff.objectives.base import Backbone, Generators
+from latentdiff.models.contract import Backbone
+from latentdiff.objectives.base import Generators
 from latentdiff.samplers.cfg import guided_output
 
 UNMASK_OPTIONS = ("temperature", "starting_mask_ratio")  # sampler.step_kwargs of the unmasking loop
