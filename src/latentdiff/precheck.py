@@ -1,6 +1,6 @@
 """What `train.py` checks on the composed config before Hydra starts and before torch, Lightning or diffusers load.
 
-A mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
+Each `model.*` value is checked against its rule (`latentdiff.rules`), then a mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
 checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place), which need no torch. Other
 backbones are checked by the job when it builds them. Then the run directory is checked and claimed
 (`rundir.check_location`).
@@ -14,6 +14,7 @@ from latentdiff.errors import user_errors
 from latentdiff.models.uvit_args import check_uvit_args
 from latentdiff.renames import canonical_target
 from latentdiff.rundir import check_location
+from latentdiff.validation import check_values
 
 # the torch-free argument checks of a backbone, by its `_target_`
 ARGUMENT_CHECKS = {"latentdiff.models.uvit.UViT": check_uvit_args}
@@ -35,6 +36,7 @@ def check_model(cfg: Any) -> None:
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     except Exception:  # an interpolation only the job can resolve: the job checks it
         return
+    check_values(model_cfg, "model")  # each key's own rule first (`model.patch_size=0`, a string), as the job does
     with user_errors():
         check(**{k: v for k, v in model_cfg.items() if not k.startswith("_")})
 
