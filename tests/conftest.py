@@ -1,4 +1,4 @@
-"""Shared fixtures: compose the real config tree (no subprocess), tiny overrides, a tmp run directory."""
+"""Shared by every tier: compose the real config tree (no subprocess), tiny overrides, a tmp run directory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from omegaconf import DictConfig, open_dict
 
 from latentdiff.config import register_resolvers
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.
 TINY_RUN = [
@@ -47,6 +48,18 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
         cfg.paths.data_dir = str(root / "data")
         cfg.paths.output_dir = str(root / "run")
     return cfg
+
+
+def compose_entry(name: str, overrides: list[str]):
+    """An entry config (conf/<name>.yaml: extract, sample) composed as its script composes it."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_extract(overrides: list[str]):
+    return compose_entry("extract", overrides)
 
 
 @pytest.fixture

@@ -20,10 +20,9 @@ from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 
 from .artefacts import make_image_folder
-from .conftest import TINY_RUN, compose_config
+from .conftest import TINY_RUN, compose_config, compose_entry
 from .entries import one_line_error
 from .entries import snapshot as _snapshot
-from .test_latents import compose_entry
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def _run(tmp_path: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:

@@ -16,9 +16,9 @@ import torch
 from latentdiff.distributed import per_rank_batch
 from latentdiff.errors import ConfigError
 
+from .conftest import ROOT
 from .faults import weights
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
 

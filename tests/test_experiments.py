@@ -32,19 +32,9 @@ from .artefacts import (
     make_tiny_vae,
     make_tiny_vq,
 )
-from .conftest import CONF_DIR, compose_config
+from .conftest import CONF_DIR, compose_config, compose_extract
+from .helpers.experiments import DDPM, DPM_SINGLESTEP, EXPERIMENTS, PIXELS, SD_VAE, UNET, UNET_COND, UVIT
 from .resolved_configs import resolved
-from .test_latents import compose_extract
-
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-UVIT = "latentdiff.models.uvit.UViT"
-UNET = "latentdiff.models.unet.UNet"
-UNET_COND = "latentdiff.models.unet.UNetCond"
-SD_VAE = "latentdiff.autoencoder.FrozenAutoencoderKL"
-PIXELS = "latentdiff.autoencoder.IdentityAutoencoder"
-DPM_SINGLESTEP = "diffusers.DPMSolverSinglestepScheduler.from_config"
-DDPM = "diffusers.DDPMScheduler.from_config"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 import latentdiff.extract as extract_mod
 from latentdiff.autoencoder import FrozenAutoencoderKL
-from latentdiff.config import register_resolvers
 from latentdiff.data import ImageFolderSource, LatentDataModule, LatentStore, StoreError, center_crop_arr
 from latentdiff.errors import ConfigError
 from latentdiff.extract import run_extraction
@@ -24,19 +21,7 @@ from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 
 from .artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
-from .conftest import CONF_DIR, compose_config
-
-
-def compose_entry(name: str, overrides: list[str]):
-    """An entry config (conf/<name>.yaml: extract, sample) composed as its script composes it."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def compose_extract(overrides: list[str]):
-    return compose_entry("extract", overrides)
+from .conftest import compose_config, compose_entry, compose_extract
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ over as `vae.pretrained`: the store records the path it had when it was made, wh
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -31,35 +30,8 @@ from latentdiff.verify import main as verify_main
 from latentdiff.verify import verify_path
 
 from .artefacts import TINY_VAE_FACTOR, make_tiny_vae
-from .conftest import compose_config
-from .test_latents import compose_entry
-
-LEGACY = next(p for p in Path(__file__).resolve().parents if p.name == "tests") / "data" / "legacy"
-EXPECTED = json.loads((LEGACY / "expected" / "expected.json").read_text())
-
-
-def _npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-IO = _npz(LEGACY / "expected" / "backbone_io.npz")
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _uvit_out(backbone: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        x, t, cond = (torch.from_numpy(IO[k]) for k in ("uvit_x", "uvit_t", "uvit_cond"))
-        return backbone.eval()(x, t, cond)
-
-
-def _tokens_out(backbone: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return backbone.eval()(torch.from_numpy(IO["tokens_x"]), None, torch.from_numpy(IO["tokens_cond"]))
+from .conftest import compose_config, compose_entry
+from .helpers.legacy import EXPECTED, IO, LEGACY, _csv, _npz, _tokens_out, _uvit_out
 
 
 def test_the_legacy_files_were_written_by_the_code_before_the_change():

@@ -7,43 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch_fidelity
 from omegaconf import OmegaConf
 
-from latentdiff.data import render_shapes
 from latentdiff.evaluate import run_evaluation
 from latentdiff.inception import Inception
 from latentdiff.metrics import NpzImages
 
-from .artefacts import make_inception_weights
-from .test_cli import ROOT, _run
-
-N = 48  # images per set: enough for a full-rank-free FID, KID subsets of 40, 4 IS splits
+from .conftest import ROOT
+from .helpers.metrics import N, make_sets
+from .test_cli import _run
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """Two image sets as npz (ADM layout) and as PNG folders, plus the Inception weights file."""
-    root = tmp_path_factory.mktemp("metrics")
-    weights = make_inception_weights(root / "inception.pth")
-    out = {"weights": weights, "root": root}
-    for name, seed in (("a", 1), ("b", 2)):
-        images, labels = render_shapes(N, seed=seed)
-        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, 32, 32, 3) uint8
-        np.savez(root / f"{name}.npz", arr_0=nhwc, arr_1=labels.numpy())
-        folder = root / name
-        folder.mkdir()
-        for i, image in enumerate(images):
-            torch_fidelity_png(folder / f"{i:04d}.png", image)
-        out[name] = nhwc
-    return out
-
-
-def torch_fidelity_png(path: Path, image: torch.Tensor) -> None:
-    import torchvision
-
-    torchvision.io.write_png(image, str(path))
+    return make_sets(tmp_path_factory.mktemp("metrics"))
 
 
 def _evaluate(sets, tmp_path, **kwargs) -> dict:

@@ -19,9 +19,8 @@ from latentdiff.errors import ConfigError
 from latentdiff.rundir import latest_checkpoint
 from latentdiff.train import AtomicCheckpointIO
 
+from .conftest import ROOT
 from .faults import weights
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # 5 batches per epoch, a checkpoint every 4 steps, validation every 6, LR warm-up over the whole run, EMA,
 # label dropout: every piece of state a resume has to restore moves at every step.

@@ -19,8 +19,8 @@ from latentdiff.report import main as report_main
 from latentdiff.report import write_report
 
 from .artefacts import make_inception_weights
+from .conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [
     "sweep=tiny",
     "model.depth=2,4",  # the preset's axes, smaller: 4 runs of about 10 s on 2 cores

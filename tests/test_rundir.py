@@ -21,18 +21,10 @@ from latentdiff.rundir import run_dir
 from latentdiff.runlock import LOCK, RunLock
 from latentdiff.train import run_training
 
-from .conftest import TINY_RUN, compose_config
+from .conftest import ROOT, TINY_RUN, compose_config
 from .entries import one_line_error, snapshot
-from .test_cli import ROOT, _run
-
-
-def _write_lock(folder: Path, age_s: float = 0.0, **fields) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    path.write_text(json.dumps({"pid": 0, "host": socket.gethostname(), "started": "earlier", **fields}))
-    if age_s:
-        os.utime(path, (time.time() - age_s, time.time() - age_s))
-    return path
+from .helpers.rundir import _write_lock
+from .test_cli import _run
 
 
 def test_the_lock_is_held_while_the_run_lives_and_removed_after(tmp_path):

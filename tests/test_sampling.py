@@ -14,8 +14,8 @@ from latentdiff.samplers.image import module_sampler
 from latentdiff.train import build_module, run_training
 
 from .artefacts import make_inception_weights
-from .conftest import TINY_RUN
-from .test_cli import ROOT, _run
+from .conftest import ROOT, TINY_RUN
+from .test_cli import _run
 
 
 @pytest.fixture(scope="module")

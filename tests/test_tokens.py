@@ -34,17 +34,16 @@ from latentdiff.train import run_training
 from .artefacts import (
     TINY_VQ_CODES,
     TINY_VQ_FACTOR,
+    TOKENS,
     make_coco,
     make_image_folder,
     make_inception_weights,
     make_tiny_clip,
     make_tiny_vq,
 )
-from .conftest import compose_config
-from .test_cli import ROOT, _run
-from .test_latents import compose_entry, compose_extract
+from .conftest import ROOT, compose_config, compose_entry, compose_extract
+from .test_cli import _run
 
-TOKENS = 8  # 32px images / downsampling 4
 RUN = [
     "experiment=quickstart_tokens",
     "trainer.precision=32-true",

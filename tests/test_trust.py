@@ -8,7 +8,6 @@ a file refuses it in one `error:` line naming the file, and no marker exists aft
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
@@ -24,28 +23,7 @@ from latentdiff.train import run_training
 
 from .conftest import CONF_DIR, TINY_RUN, compose_config
 from .entries import one_line_error, snapshot
-
-
-class _Touch:
-    """Unpickling this opens (creates) `path`: the smallest "runs code" payload."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _open_node(marker: Path) -> dict:
-    return {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
-
-
-def _pickle_node(marker: Path) -> dict:
-    """torch.load of an in-memory pickle with weights_only=False: arbitrary code."""
-    buffer = io.BytesIO()
-    torch.save(_Touch(marker), buffer)
-    inner = {"_target_": "io.BytesIO", "initial_bytes": buffer.getvalue()}
-    return {"_target_": "torch.load", "f": inner, "weights_only": False}
+from .helpers.trust import _open_node, _pickle_node, _Touch
 
 
 def _payloads(marker: Path) -> dict[str, callable]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.models.uvit import Block, UViT
 
-REFERENCE = json.loads((Path(__file__).parent / "data" / "uvit_reference.json").read_text())["cases"]
-CONF_MODEL = Path(__file__).parents[1] / "conf" / "model"
+from .conftest import CONF_DIR, ROOT
+
+REFERENCE = json.loads((ROOT / "tests" / "data" / "uvit_reference.json").read_text())["cases"]
+CONF_MODEL = CONF_DIR / "model"
 
 
 def deterministic_state_dict(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
