@@ -72,6 +72,17 @@ def compose_cfg(tmp_path):
     return _compose
 
 
+def default_timeout(items: list[pytest.Item], folder: Path, seconds: int) -> None:
+    """Give each test under `folder` pytest-timeout's `timeout(seconds)` unless it (or its module) has its own.
+
+    Each tier's conftest.py calls this from `pytest_collection_modifyitems` with its own limit; the limit covers
+    the test's fixtures too (a module-scoped fixture counts against the first test that uses it).
+    """
+    for item in items:
+        if item.path.is_relative_to(folder) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(seconds))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

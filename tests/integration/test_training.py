@@ -13,7 +13,7 @@ from latentdiff.errors import ConfigError
 from latentdiff.models.build import build_backbone
 from latentdiff.train import build_module, run_training
 
-from .conftest import TINY_RUN
+from ..conftest import TINY_RUN
 
 
 def _rows(path: Path) -> list[dict]:

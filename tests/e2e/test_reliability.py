@@ -14,13 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from latentdiff.checkpoint import load_checkpoint
 from latentdiff.errors import ConfigError
 from latentdiff.rundir import latest_checkpoint
-from latentdiff.train import AtomicCheckpointIO
 
-from .conftest import ROOT
-from .faults import weights
+from ..conftest import ROOT
+from ..faults import weights
 
 # 5 batches per epoch, a checkpoint every 4 steps, validation every 6, LR warm-up over the whole run, EMA,
 # label dropout: every piece of state a resume has to restore moves at every step.
@@ -149,48 +147,6 @@ def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoi
     assert all(torch.isfinite(v.float()).all() for v in step[6].values())
 
 
-def test_atomic_checkpoint_write_leaves_the_old_file_on_a_crash(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}, "latentdiff": {}}, path)
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(3)}, "latentdiff": {}}, path)
-    assert load_checkpoint(path)["global_step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
-
-
-def test_truncated_or_foreign_checkpoint_is_a_one_line_error(tmp_path):
-    good = tmp_path / "good.ckpt"
-    torch.save({"global_step": 3, "state_dict": {"w": torch.ones(1000)}, "latentdiff": {}}, good)
-    data = good.read_bytes()
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConfigError, match=r"ckpt_path=.*truncated.ckpt is not a readable checkpoint \(truncated"):
-        load_checkpoint(truncated)
-    plain = tmp_path / "plain.pt"
-    torch.save({"w": torch.ones(2)}, plain)
-    with pytest.raises(ConfigError, match="is not a latentdiff training checkpoint"):
-        load_checkpoint(plain)
-    pickled = tmp_path / "pickled.ckpt"
-    torch.save({"state_dict": {}, "latentdiff": Path("x")}, pickled)  # weights_only refuses arbitrary objects
-    with pytest.raises(ConfigError, match="pickled.ckpt was refused: it holds pickled objects"):
-        load_checkpoint(pickled)
-
-
-def test_latest_checkpoint_is_the_highest_step_not_the_newest_file(tmp_path):
-    for name, step in (("step_0000008.ckpt", 8), ("last.ckpt", 12), ("step_0000004.ckpt", 4)):
-        torch.save({"global_step": step, "state_dict": {}, "latentdiff": {}}, tmp_path / name)
-    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    assert latest_checkpoint(tmp_path).name == "last.ckpt"
-    (tmp_path / "last.ckpt").write_bytes(b"truncated")  # a damaged last.ckpt: fall back to the newest step
-    assert latest_checkpoint(tmp_path).name == "step_0000008.ckpt"
-
-
 @pytest.mark.parametrize(("model", "folder"), [("uvit_tiny", "transformer"), ("unet_tiny", "unet")])
 def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model, folder):
     from diffusers import DDPMScheduler
@@ -199,7 +155,7 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
     from latentdiff.models.build import build_backbone
     from latentdiff.train import run_training
 
-    from .conftest import TINY_RUN
+    from ..conftest import TINY_RUN
 
     cfg = compose_cfg([*TINY_RUN, f"model={model}"])
     run = Path(run_training(cfg)["run_dir"])
@@ -231,75 +187,3 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
         assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.unet.state_dict().values()))
     with pytest.raises(ConfigError, match="exists and is not empty"):
         export(run / "last.ckpt", out)
-
-
-def test_checkpoints_keep_the_last_k_and_last_is_the_latest(compose_cfg):
-    from latentdiff.train import run_training
-
-    from .conftest import TINY_RUN
-
-    overrides = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.keep_last=2"]
-    run = Path(run_training(compose_cfg([*TINY_RUN, "trainer.max_steps=7", *overrides]))["run_dir"])
-    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step_0000004.ckpt", "step_0000006.ckpt"]
-    assert load_checkpoint(run / "last.ckpt")["global_step"] == 7  # saved again when training ended
-    assert not list(run.glob(".*tmp*"))  # no temporary files left behind
-
-
-def test_timed_checkpoints_refresh_last_ckpt(compose_cfg, monkeypatch):
-    from latentdiff.callbacks import Checkpoint
-    from latentdiff.train import run_training
-
-    from .conftest import TINY_RUN
-
-    saves: list[tuple[int, bool]] = []
-    original = Checkpoint.save
-
-    def counting(self, trainer, with_step):
-        saves.append((trainer.global_step, with_step))
-        original(self, trainer, with_step)
-
-    monkeypatch.setattr(Checkpoint, "save", counting)
-    timed = ["callbacks.checkpoint.every_n_train_steps=0", "callbacks.checkpoint.every_n_minutes=1e-9"]
-    run = Path(run_training(compose_cfg([*TINY_RUN, *timed]))["run_dir"])
-    assert saves == [(1, False), (2, False), (3, False)]  # every step is "30 minutes later" here
-    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]
-    assert load_checkpoint(run / "last.ckpt")["global_step"] == 3
-
-
-def test_sigusr2_checkpoints_then_hands_the_signal_to_the_requeue_handler(compose_cfg):
-    """submitit (hydra/launcher=slurm) requeues on SIGUSR2: latentdiff checkpoints at the step boundary first,
-    then calls the handler that was there before, once, after training stopped."""
-    from hydra.utils import instantiate
-
-    from latentdiff.train import run_training
-    from tests.faults import Kill
-
-    calls = []
-
-    def requeue(signum, frame):  # stands for submitit's checkpoint-and-requeue handler
-        ckpt = torch.load(Path(cfg.paths.output_dir) / "last.ckpt", weights_only=True)
-        calls.append((signum, ckpt["global_step"]))
-
-    cfg = compose_cfg(
-        [
-            "trainer.max_steps=8",
-            "trainer.precision=32-true",
-            "data.batch_size=16",
-            "data.num_train=64",
-            "callbacks.sample_grid=null",
-            "callbacks.progress_bar=null",
-            "trainer.enable_progress_bar=false",
-            "+callbacks.fault._target_=tests.faults.Kill",
-            "+callbacks.fault.step=3",
-            "+callbacks.fault.at=mid",
-            "+callbacks.fault.sig=SIGUSR2",
-        ]
-    )
-    assert isinstance(instantiate(cfg.callbacks.fault), Kill)
-    previous = signal.signal(signal.SIGUSR2, requeue)
-    try:
-        result = run_training(cfg)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
-    assert result["global_step"] == 3  # stopped after the signalled step
-    assert calls == [(signal.SIGUSR2, 3)]  # the requeue came after the checkpoint of that step

@@ -22,9 +22,9 @@ from latentdiff.extract import run_extraction
 from latentdiff.train import run_training
 from latentdiff.verify import main as verify_main
 
-from .artefacts import make_image_folder
-from .conftest import TINY_RUN, compose_config, compose_extract
-from .entries import one_line_error, snapshot
+from ..artefacts import make_image_folder
+from ..conftest import TINY_RUN, compose_config, compose_extract
+from ..entries import one_line_error, snapshot
 
 
 def flip_bit(path: Path, offset: int, bit: int = 3) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 def _run(tmp_path: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:

@@ -16,8 +16,8 @@ from latentdiff.config import register_resolvers
 from latentdiff.models.build import build_backbone
 from latentdiff.models.unet import UNet, UNetCond
 
-from .conftest import CONF_DIR
-from .helpers.unet import TINY, TINY3, TINY_COND
+from ..conftest import CONF_DIR
+from ..helpers.unet import TINY, TINY3, TINY_COND
 
 WRAPPER_KEYS = {"_target_", "_convert_", "gradient_checkpointing", "channels_last", "pretrained"}
 

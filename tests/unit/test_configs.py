@@ -20,8 +20,8 @@ from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.utils import native_bf16
 from latentdiff.validation import validate_train_config
 
-from .conftest import CONF_DIR
-from .resolved_configs import (
+from ..conftest import CONF_DIR
+from ..resolved_configs import (
     GOLDEN,
     TRAIN_GROUPS,
     combinations,

@@ -19,8 +19,8 @@ import torch
 
 from latentdiff.checkpoint import verify_checkpoint
 
-from .conftest import TINY_RUN
-from .entries import one_line_error, snapshot
+from ..conftest import TINY_RUN
+from ..entries import one_line_error, snapshot
 
 RUN = [
     *TINY_RUN,

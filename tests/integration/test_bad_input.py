@@ -19,10 +19,10 @@ from latentdiff.extract import run_extraction
 from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 
-from .artefacts import make_image_folder
-from .conftest import TINY_RUN, compose_config, compose_entry
-from .entries import one_line_error
-from .entries import snapshot as _snapshot
+from ..artefacts import make_image_folder
+from ..conftest import TINY_RUN, compose_config, compose_entry
+from ..entries import one_line_error
+from ..entries import snapshot as _snapshot
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from latentdiff.errors import ConfigError
 from latentdiff.flops import config_cost
-from latentdiff.report import main as report_main
-from latentdiff.report import write_report
 
-from .artefacts import make_inception_weights
-from .conftest import ROOT
+from ..artefacts import make_inception_weights
+from ..conftest import ROOT
 
 SWEEP = [
     "sweep=tiny",
@@ -135,17 +132,3 @@ def test_sweep_then_report_holds_every_runs_numbers(sweep, tmp_path):
     assert gflops[0] < gflops[1] and gflops[0] < gflops[2] < gflops[3]
     records = json.loads((report / "report.json").read_text())
     assert [r["swept"] for r in records][3] == {"model.depth": "4", "model.embed_dim": "64"}
-
-
-def test_report_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="holds no runs"):
-        write_report([tmp_path])
-    with pytest.raises(ConfigError, match="does not exist"):
-        write_report([tmp_path / "missing"])
-    (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="holds files that are not a report"):
-        write_report([tmp_path], out=tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        report_main(["dirr=x"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: dirr=x is not an option; use dir=<multirun dir> [out=<dir>]"

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentdiff.models.uvit import Block, UViT
 
-from .conftest import CONF_DIR, ROOT
+from ..conftest import CONF_DIR, ROOT
 
 REFERENCE = json.loads((ROOT / "tests" / "data" / "uvit_reference.json").read_text())["cases"]
 CONF_MODEL = CONF_DIR / "model"

@@ -20,8 +20,8 @@ from latentdiff.extract import run_extraction
 from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 
-from .artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
-from .conftest import compose_config, compose_entry, compose_extract
+from ..artefacts import TINY_VAE_FACTOR, make_coco, make_image_folder, make_tiny_clip, make_tiny_vae
+from ..conftest import compose_config, compose_entry, compose_extract
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,6 @@ def art(tmp_path_factory):
     a["coco_store"] = root / "coco_store"
     a["coco_meta"] = run_extraction(compose_extract([*a["coco_args"], f"out={a['coco_store']}"]))
     return a
-
-
-def test_adm_center_crop_halves_then_crops_the_centre():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))  # W=96, H=64
-    out = center_crop_arr(image, 32)
-    # 64 >= 2*32: one BOX halving to 48x32, the short side is then 32 (no resize), centre columns 8..40
-    expected = np.asarray(image.resize((48, 32), resample=Image.BOX))[:, 8:40]
-    assert out.shape == (32, 32, 3) and np.array_equal(out, expected)
 
 
 def test_image_folder_store_metadata_and_skipped_file(art):
