@@ -1,6 +1,8 @@
 """The integration tier (`make test-integration`): in-process runs of the jobs (`run_training`,
 `run_sampling`, `run_extraction`, `run_evaluation`, `export`, the entry points through `tests/entries.py`), called as
-functions with a composed config. A test that starts a process belongs in tests/e2e/."""
+functions with a composed config; and the checks too long for the unit tier's 2 minutes (every selectable config
+against the golden file, whole sampler loops, the aMUSEd pipeline, Inception features). A test that starts a process
+belongs in tests/e2e/."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UVit2DModel, VQModel
+from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from hydra.utils import instantiate
 
 from latentdiff.autoencoder import FrozenVQModel, same_encoder
@@ -20,7 +20,9 @@ from latentdiff.errors import ConfigError
 from latentdiff.evaluate import run_evaluation
 from latentdiff.export import export, load_exported
 from latentdiff.extract import run_extraction
+from latentdiff.models.uvit2d import UVit2D
 from latentdiff.sample import run_sampling
+from latentdiff.samplers.unmask import unmask_loop
 from latentdiff.text import FrozenCLIPTextEncoder
 from latentdiff.train import run_training
 
@@ -35,6 +37,7 @@ from ..artefacts import (
     make_tiny_vq,
 )
 from ..conftest import compose_config, compose_entry, compose_extract
+from ..helpers.tokens import TINY_UVIT2D
 
 RUN = [
     "experiment=quickstart_tokens",
@@ -138,6 +141,33 @@ def test_text_features_are_penultimate_states_and_the_pooled_projection(art):
     meta = LatentStore(art["text"]).meta["text"]
     assert meta["pooled"] is True and meta["hidden_layer"] == -2
     assert np.load(art["text"] / "empty_text.npy").shape == (78, 32)
+
+
+def test_unmasking_is_the_amused_pipeline():
+    from diffusers.pipelines.deprecated.amused.pipeline_amused import AmusedPipeline
+
+    torch.manual_seed(0)
+    model = UVit2D(text_conditioning=True, micro_conds=[32, 32, 0, 0, 6], **TINY_UVIT2D).eval()
+    vq = VQModel(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=4, num_vq_embeddings=TINY_VQ_CODES,
+    )  # fmt: skip
+    pipe = AmusedPipeline(
+        vqvae=vq, tokenizer=None, text_encoder=None, transformer=model.transformer, scheduler=AmusedScheduler(64)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    cond, null = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
+    for w in (1.0, 3.0):
+        theirs = pipe(
+            prompt_embeds=cond[:, -1], encoder_hidden_states=cond[:, :-1], negative_prompt_embeds=null[:, -1],
+            negative_encoder_hidden_states=null[:, :-1], guidance_scale=w, num_inference_steps=6, height=32, width=32,
+            generator=torch.Generator().manual_seed(3), output_type="latent",
+        ).images  # fmt: skip
+        ours = unmask_loop(
+            model, AmusedScheduler(64), (1, TOKENS, TOKENS), 6, cond=cond, null_cond=null, guidance_scale=w,
+            generator=[torch.Generator().manual_seed(3)],
+        )  # fmt: skip
+        assert torch.equal(ours, theirs) and ours.max() < TINY_VQ_CODES
 
 
 # --------------------------------------------------------------------------------------------- end to end

@@ -7,27 +7,20 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import AmusedScheduler, VQModel
+from diffusers import AmusedScheduler
 from omegaconf import OmegaConf
 
 from latentdiff.ema import EMA
 from latentdiff.models.build import build_backbone
 from latentdiff.models.uvit2d import UVit2D
 from latentdiff.objectives.masked_tokens import MaskedTokens
-from latentdiff.samplers.unmask import unmask_loop
 
 from ..artefacts import (
     TINY_VQ_CODES,
     TOKENS,
 )
 from ..conftest import compose_config
-
-TINY_UVIT2D = dict(
-    hidden_size=32, cond_embed_dim=16, micro_cond_encode_dim=4, micro_cond_embed_dim=20, encoder_hidden_size=16,
-    vocab_size=TINY_VQ_CODES + 1, codebook_size=TINY_VQ_CODES, in_channels=16, block_out_channels=16,
-    num_res_blocks=1, block_num_heads=2, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-    sample_size=TOKENS,
-)  # fmt: skip
+from ..helpers.tokens import TINY_UVIT2D
 
 
 def test_masking_follows_the_amused_recipe():
@@ -81,33 +74,6 @@ def test_uvit2d_is_the_diffusers_model_and_loads_its_folders(tmp_path):
         null = classes(ids, None, None)
         assert torch.equal(null, classes(ids, None, torch.full((3,), 3)))  # None is the null class
         assert not torch.allclose(null, classes(ids, None, torch.tensor([0, 1, 2])))
-
-
-def test_unmasking_is_the_amused_pipeline():
-    from diffusers.pipelines.deprecated.amused.pipeline_amused import AmusedPipeline
-
-    torch.manual_seed(0)
-    model = UVit2D(text_conditioning=True, micro_conds=[32, 32, 0, 0, 6], **TINY_UVIT2D).eval()
-    vq = VQModel(
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=4, num_vq_embeddings=TINY_VQ_CODES,
-    )  # fmt: skip
-    pipe = AmusedPipeline(
-        vqvae=vq, tokenizer=None, text_encoder=None, transformer=model.transformer, scheduler=AmusedScheduler(64)
-    )
-    pipe.set_progress_bar_config(disable=True)
-    cond, null = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
-    for w in (1.0, 3.0):
-        theirs = pipe(
-            prompt_embeds=cond[:, -1], encoder_hidden_states=cond[:, :-1], negative_prompt_embeds=null[:, -1],
-            negative_encoder_hidden_states=null[:, :-1], guidance_scale=w, num_inference_steps=6, height=32, width=32,
-            generator=torch.Generator().manual_seed(3), output_type="latent",
-        ).images  # fmt: skip
-        ours = unmask_loop(
-            model, AmusedScheduler(64), (1, TOKENS, TOKENS), 6, cond=cond, null_cond=null, guidance_scale=w,
-            generator=[torch.Generator().manual_seed(3)],
-        )  # fmt: skip
-        assert torch.equal(ours, theirs) and ours.max() < TINY_VQ_CODES
 
 
 def test_presets_count_parameters_and_flops():
