@@ -10,11 +10,12 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train extract sample evaluate export verify test test-fast bench bench-gpu lint format clean
+.PHONY: help install train extract sample evaluate export verify test test-fast test-integration test-e2e bench bench-gpu \
+	lint format clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  Pass options with ARGS=\"...\" (train, extract, sample, evaluate, export) or PYTEST_ARGS=\"...\" (test), e.g. make train ARGS=\"model=unet_tiny\""
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}'
+	@echo "  Pass options with ARGS=\"...\" (train, extract, sample, evaluate, export) or PYTEST_ARGS=\"...\" (test, test-fast, test-integration, test-e2e), e.g. make train ARGS=\"model=unet_tiny\""
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -44,11 +45,17 @@ sample: install ## Generate images: make sample ARGS="ckpt=outputs/.../last.ckpt
 evaluate: install ## Score samples: make evaluate ARGS="samples=.../samples.npz reference=... metrics=[fid,isc]"
 	$(PY) evaluate.py $(ARGS)
 
-test: install ## Run all tests (fast tier + slow tier), CPU, offline
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install ## Run every tier, unit first, then integration, then e2e (CPU, offline)
+	$(PY) -m pytest -q tests/unit tests/integration tests/e2e $(PYTEST_ARGS)
 
-test-fast: install ## Run the fast tier only
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-fast: install ## Run the unit tier (tests/unit: no training, no subprocess; under 2 minutes)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install ## Run the integration tier (tests/integration: jobs run in-process)
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+test-e2e: install ## Run the e2e tier (tests/e2e: the README's commands in subprocesses)
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 bench: install ## Benchmarks (bench/): tables + JSON under outputs/bench/; OFFICIAL_UVIT=<U-ViT checkout> adds the side-by-side
 	$(PY) bench/train.py

@@ -38,6 +38,7 @@ def make_tiny_vae(path: Path, seed: int = 0) -> Path:
 
 TINY_VQ_FACTOR = 4  # three encoder blocks: 32px images -> 8x8 token ids
 TINY_VQ_CODES = 64
+TOKENS = 8  # the token grid side of the tiny VQ: 32px images / downsampling 4
 
 
 def make_tiny_vq(path: Path, seed: int = 0, codes: int = TINY_VQ_CODES) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: compose the real config tree (no subprocess), tiny overrides, a tmp run directory."""
+"""Shared by every tier: compose the real config tree (no subprocess), tiny overrides, a tmp run directory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from omegaconf import DictConfig, open_dict
 
 from latentdiff.config import register_resolvers
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.
 TINY_RUN = [
@@ -49,6 +50,18 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     return cfg
 
 
+def compose_entry(name: str, overrides: list[str]):
+    """An entry config (conf/<name>.yaml: extract, sample) composed as its script composes it."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_extract(overrides: list[str]):
+    return compose_entry("extract", overrides)
+
+
 @pytest.fixture
 def compose_cfg(tmp_path):
     """compose_cfg(overrides) -> DictConfig of conf/train.yaml, run directory under tmp_path."""
@@ -57,6 +70,17 @@ def compose_cfg(tmp_path):
         return compose_config(overrides, tmp_path)
 
     return _compose
+
+
+def default_timeout(items: list[pytest.Item], folder: Path, seconds: int) -> None:
+    """Give each test under `folder` pytest-timeout's `timeout(seconds)` unless it (or its module) has its own.
+
+    Each tier's conftest.py calls this from `pytest_collection_modifyitems` with its own limit; the limit covers
+    the test's fixtures too (a module-scoped fixture counts against the first test that uses it).
+    """
+    for item in items:
+        if item.path.is_relative_to(folder) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(seconds))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ only plain values (numbers, strings, booleans, None, lists, dicts). Objects are 
 the listed callables with plain Python values (Hydra's `_convert_: all`). A config stored before a class moved
 names it by its old dotted path: `LEGACY_TARGETS` maps those to the current names (`canonical_target`).
 
-`tests/test_trust.py` checks that every `_target_` of `conf/model`, `conf/vae`, `conf/diffusion` and
+`tests/unit/test_trust.py` checks that every `_target_` of `conf/model`, `conf/vae`, `conf/diffusion` and
 `conf/sampler` is in the list, so a new preset of a new class fails a test until the class is added here.
 """
 

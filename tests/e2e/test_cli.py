@@ -1,0 +1,94 @@
+"""The command line as a user meets it: one-line errors, exit status, nothing left behind, --cfg job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import ROOT
+
+
+def _run(tmp_path: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0", **env_extra}
+    env.pop("LATENTDIFF_DEBUG", None)
+    return subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return _run(tmp_path, [str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["model=uvit_tiny", "model.patch_size=3"],
+            "error: model.patch_size=3 does not divide the input size 32; use one of 1, 2, 4, 8, 16, 32",
+        ),
+        (
+            ["model=uvit_xxl"],
+            "error: model=uvit_xxl is not a known option of 'model'; use one of: unet, unet_cond",
+        ),
+        (["optim.lr=-1e-4"], "error: optim.lr=-0.0001 must be > 0"),
+        (["module.p_uncond=1.5"], "error: module.p_uncond=1.5 is outside [0, 1)"),
+        (["model=uvit_tiny", "model.skip=sideways"], "error: model.skip='sideways' is not allowed; use one of"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_exit_and_no_run_dir(tmp_path, args, message):
+    proc = _train(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    leftovers = list((tmp_path / "outputs").rglob("*")) if (tmp_path / "outputs").exists() else []
+    assert not [p for p in leftovers if p.is_file()], leftovers  # no half-written run directory
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = _train(tmp_path, "model=uvit_s2", "optim.lr=1e-4", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "embed_dim: 512" in proc.stdout and "lr: 0.0001" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def _extract(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return _run(tmp_path, ["-m", "latentdiff.extract", *args], HF_HUB_OFFLINE="1")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.root={tmp}/absent", "out={tmp}/store"], "error: data.root={tmp}/absent does not exist"),
+        (
+            ["data.root={tmp}", "out={tmp}/store", "vae=sd_ema", "vae.pretrained={tmp}/no-vae"],
+            "error: vae.pretrained='{tmp}/no-vae' (hub id) could not be loaded",
+        ),
+        (
+            ["data=coco_captions", "data.images={tmp}", "data.annotations={tmp}/absent.json", "out={tmp}/store"],
+            "error: data.annotations={tmp}/absent.json does not exist",
+        ),
+        (["data.root={tmp}"], "error: out=??? is missing"),
+    ],
+)
+def test_extraction_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(b"")  # a folder with one (unreadable) image
+    proc = _extract(tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert not (tmp_path / "store").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls"]  # nothing written, no Hydra folders
+
+
+def test_offline_sd_ema_says_what_to_download(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(b"")
+    proc = _extract(tmp_path, f"data.root={tmp_path}", f"out={tmp_path}/store", "vae=sd_ema")
+    assert proc.returncode == 2
+    assert "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir <dir>" in proc.stderr
+    assert "set vae.pretrained=<dir>" in proc.stderr

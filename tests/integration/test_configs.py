@@ -1,0 +1,89 @@
+"""Every config in conf/ composes, resolves as before (golden file) and instantiates; bad values give one-line
+errors naming the key."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from latentdiff.models.build import build_backbone
+from latentdiff.renames import canonical_target
+
+from ..resolved_configs import (
+    GOLDEN,
+    compose_all,
+    composer,
+    options,
+    resolved,
+    sweep_base,
+)
+
+
+def _canonical(target: str) -> str:
+    """A `_target_` under its current name (configs composed before a class moved hold its old name)."""
+    return canonical_target(target)
+
+
+def first_difference(golden: object, composed: object, path: str = "") -> str | None:
+    """The first key path where `composed` differs from `golden` (`_target_` values compared canonically)."""
+    if isinstance(golden, dict) and isinstance(composed, dict):
+        for k in [*golden, *(k for k in composed if k not in golden)]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in composed or k not in golden:
+                side = "composed" if k not in composed else "golden file"
+                return f"{where}: missing from the {side}"
+            if k == "_target_" and isinstance(golden[k], str) and isinstance(composed[k], str):
+                if _canonical(golden[k]) != _canonical(composed[k]):
+                    return f"{where}: golden {golden[k]!r}, composed {composed[k]!r}"
+                continue
+            difference = first_difference(golden[k], composed[k], where)
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(golden, list) and isinstance(composed, list) and len(golden) == len(composed):
+        for i, (g, c) in enumerate(zip(golden, composed, strict=True)):
+            difference = first_difference(g, c, f"{path}[{i}]")
+            if difference is not None:
+                return difference
+        return None
+    if golden != composed or type(golden) is not type(composed):
+        return f"{path}: golden {golden!r}, composed {composed!r}"
+    return None
+
+
+def test_every_selectable_config_resolves_as_the_golden_file():
+    """Each model preset (default run and its data), experiment, sweep base, group option and entry config
+    resolves to the values recorded in tests/data/resolved_configs.json, key by key."""
+    golden, composed = json.loads(GOLDEN.read_text()), compose_all()
+    assert sorted(composed) == sorted(golden), "combinations changed: python -m tests.resolved_configs"
+    differences = [f"{k}: {d}" for k in golden if (d := first_difference(golden[k], composed[k])) is not None]
+    assert not differences, f"{len(differences)} configs differ; first: {differences[0]}"
+
+
+def test_every_sweep_preset_composes_and_builds_each_job():
+    """A sweep preset is a multirun whose every job composes and builds its backbone (the ablation values are
+    ones the U-ViT accepts); the Optuna preset's search space parses."""
+    with composer() as compose:
+        for sweep in options("sweep"):
+            cfg = resolved("train", sweep_base(sweep))
+            assert cfg.hydra.mode == "RunMode.MULTIRUN", sweep
+            params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+            parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+            if sweep.startswith("optuna"):
+                assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.objective == "val/loss_ema"
+                continue
+            axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+            jobs = [list(j) for j in itertools.product(*axes)]
+            assert len(jobs) >= 2, sweep
+            for job in jobs:
+                job_cfg = compose(["experiment=cifar10_uvit_s2", *job])
+                with torch.device("meta"):
+                    model = build_backbone(job_cfg.model)
+                for override in job:
+                    k, value = override.split("=", 1)
+                    assert str(OmegaConf.select(job_cfg, k)) == value, (sweep, job)
+                assert sum(p.numel() for p in model.parameters()) > 0, (sweep, job)
