@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff import trust
+from latentdiff import renames, trust
 from latentdiff.errors import ConfigError
 from latentdiff.export import export, load_exported
 from latentdiff.train import run_training
@@ -191,7 +191,7 @@ def test_a_crafted_weights_file_for_model_pretrained_runs_no_code(tmp_path, monk
 def test_a_checkpoint_with_the_old_objective_name_exports_under_the_new_one(real_ckpt, tmp_path):
     ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
     current = ckpt["latentdiff"]["config"]["diffusion"]["_target_"]
-    old = next(k for k, v in trust.LEGACY_TARGETS.items() if v == current)
+    old = next(k for k, v in renames.LEGACY_TARGETS.items() if v == current)
     ckpt["latentdiff"]["config"]["diffusion"]["_target_"] = old
     torch.save(ckpt, tmp_path / "old.ckpt")
     export(tmp_path / "old.ckpt", tmp_path / "export")

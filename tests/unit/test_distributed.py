@@ -25,7 +25,7 @@ def test_rank_child_command_runs_this_job_not_the_sweep(monkeypatch, tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from latentdiff import distributed
+    from latentdiff import strategies
 
     hydra_cfg = OmegaConf.create(
         {
@@ -38,7 +38,7 @@ def test_rank_child_command_runs_this_job_not_the_sweep(monkeypatch, tmp_path):
     monkeypatch.setattr("hydra.utils.get_original_cwd", lambda: str(tmp_path))
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # `python train.py`, not `python -m`
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), "-m", "model.depth=9,13,17", "trainer=ddp"])
-    command, cwd = distributed.hydra_child_command(1)
+    command, cwd = strategies.hydra_child_command(1)
     assert cwd == str(tmp_path)
     assert "-m" not in command and "model.depth=9,13,17" not in command
     assert command[2:4] == ["model.depth=9", "trainer=ddp"]

@@ -14,7 +14,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from latentdiff import trust
+from latentdiff import renames, trust
 
 from ..conftest import CONF_DIR, TINY_RUN, compose_config
 from ..helpers.trust import _open_node, _pickle_node, _Touch
@@ -95,8 +95,8 @@ def test_a_config_stored_with_the_old_objective_names_builds_the_same_classes(ov
 
     cfg = compose_config([*TINY_RUN, *overrides])
     current = OmegaConf.to_container(cfg.diffusion, resolve=True)
-    assert trust.LEGACY_TARGETS[old] == current["_target_"] == trust.canonical_target(old)
-    assert trust.canonical_target(current["_target_"]) == current["_target_"]
+    assert renames.LEGACY_TARGETS[old] == current["_target_"] == renames.canonical_target(old)
+    assert renames.canonical_target(current["_target_"]) == current["_target_"]
     stored = copy.deepcopy(current) | {"_target_": old}
     ours, theirs = trust.build(copy.deepcopy(stored), "x", "diffusion"), instantiate(cfg.diffusion)
     assert type(ours) is type(theirs) and dict(ours.scheduler.config) == dict(theirs.scheduler.config)
