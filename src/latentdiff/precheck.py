@@ -1,9 +1,9 @@
 """What `train.py` checks on the composed config before Hydra starts and before torch, Lightning or diffusers load.
 
-Each `model.*` value is checked against its rule (`latentdiff.rules`), then a mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
-checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place), which need no torch. Other
-backbones are checked by the job when it builds them. Then the run directory is checked and claimed
-(`rundir.check_location`).
+Each `model.*` value is checked against its rule (`latentdiff.rules`); then a mistake in the U-ViT's shape
+(`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument checks (`models.uvit_args`,
+which `UViT.__init__` runs too: one check, one place), which need no torch. Other backbones are checked by the
+job when it builds them. Then the run directory is checked and claimed (`rundir.check_location`).
 """
 
 from __future__ import annotations
