@@ -27,7 +27,7 @@ from torch import nn
 
 from latentdiff.utils import artefact_not_loaded
 
-_DTYPES = {
+DTYPES = {  # the dtype names a config may give (vae.dtype, text_encoder.dtype)
     "float32": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
@@ -346,9 +346,9 @@ def same_encoder(a: dict, b: dict) -> bool:
 
 
 def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"vae.dtype={name!r} is not supported; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"vae.dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _from_pretrained(cls: type, pretrained: str, subfolder: str | None, dtype: torch.dtype) -> nn.Module:

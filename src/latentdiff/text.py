@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentdiff.autoencoder import _DTYPES
+from latentdiff.autoencoder import DTYPES
 from latentdiff.utils import artefact_not_loaded
 
 
@@ -44,14 +44,14 @@ class FrozenCLIPTextEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"text_encoder.dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"text_encoder.dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         tokenizer = tokenizer or pretrained
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer, subfolder=tokenizer_subfolder or "")
             cls = CLIPTextModelWithProjection if pooled else CLIPTextModel
             model, info = cls.from_pretrained(
-                pretrained, subfolder=subfolder or "", dtype=_DTYPES[dtype], output_loading_info=True
+                pretrained, subfolder=subfolder or "", dtype=DTYPES[dtype], output_loading_info=True
             )
         except (OSError, ValueError) as err:
             raise artefact_not_loaded("text_encoder.pretrained", pretrained, err) from None
@@ -68,7 +68,7 @@ class FrozenCLIPTextEncoder(nn.Module):
                 f"{model.config.max_position_embeddings} positions"
             )
         self.dim = model.config.hidden_size
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         layers = model.config.num_hidden_layers
         if not -(layers + 1) <= int(hidden_layer) <= layers:
             raise ValueError(
