@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ..conftest import ROOT
-
-
-def _run(tmp_path: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0", **env_extra}
-    env.pop("LATENTDIFF_DEBUG", None)
-    return subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+from ..helpers.cli import run_python
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return _run(tmp_path, [str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args])
+    return run_python(tmp_path, [str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args])
 
 
 @pytest.mark.parametrize(
@@ -56,7 +49,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def _extract(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return _run(tmp_path, ["-m", "latentdiff.extract", *args], HF_HUB_OFFLINE="1")
+    return run_python(tmp_path, ["-m", "latentdiff.extract", *args], HF_HUB_OFFLINE="1")
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ..conftest import ROOT
+from ..helpers.cli import run_python
 from ..helpers.metrics import N, make_sets
-from .test_cli import _run
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_and_nonzero_exit(sets):
     for args, message in _bad_inputs(root):
         argv = [str(ROOT / "evaluate.py"), "samples=a.npz", "reference=b.npz", "metrics=[fid]", "device=cpu"]
         argv += [f"inception_weights={sets['weights']}", "cache_dir=null", *args]
-        result = _run(root, argv)
+        result = run_python(root, argv)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
@@ -52,7 +52,7 @@ def test_offline_inception_download_names_the_url_and_the_option(sets, tmp_path)
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "https_proxy": "http://127.0.0.1:9",
     }
-    result = _run(tmp_path, argv, **env)
+    result = run_python(tmp_path, argv, **env)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert "weights-inception-2015-12-05-6726825d.pth" in line and "set inception_weights=<file>" in line

@@ -18,14 +18,14 @@ from latentdiff.errors import ConfigError
 from latentdiff.runlock import LOCK, RunLock
 
 from ..conftest import ROOT, TINY_RUN
-from ..helpers.rundir import _write_lock
-from .test_cli import _run
+from ..helpers.cli import run_python
+from ..helpers.rundir import write_lock
 
 
 def test_a_live_holder_on_this_host_keeps_the_lock(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _write_lock(tmp_path, pid=other.pid, process_start=runlock._process_start(other.pid))
+        write_lock(tmp_path, pid=other.pid, process_start=runlock._process_start(other.pid))
         with pytest.raises(ConfigError, match=rf"in use by another run \(pid {other.pid} on "):
             RunLock(tmp_path).acquire()
     finally:
@@ -63,7 +63,7 @@ def test_two_processes_claiming_at_once_one_wins(tmp_path):
 
 def test_processes_taking_over_one_stale_lock_one_wins(tmp_path):
     """Four runs find the same stale lock (its process is gone): exactly one takes it over."""
-    _write_lock(tmp_path / "run", pid=2**22 + 7)
+    write_lock(tmp_path / "run", pid=2**22 + 7)
     assert _race(tmp_path / "run") == ["refused", "refused", "refused", "won"]
 
 
@@ -98,9 +98,9 @@ def test_the_command_line_refuses_a_second_run_in_one_line(tmp_path):
     """The lock as a user meets it: a second train.py into a directory another live run holds."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        _write_lock(tmp_path / "busy", pid=holder.pid, process_start=runlock._process_start(holder.pid))
+        write_lock(tmp_path / "busy", pid=holder.pid, process_start=runlock._process_start(holder.pid))
         (tmp_path / "busy" / "train.log").write_text("")  # the live run's log, empty so far: it stays
-        proc = _run(tmp_path, [str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}/busy", *TINY_RUN])
+        proc = run_python(tmp_path, [str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}/busy", *TINY_RUN])
     finally:
         holder.kill()
         holder.wait()

@@ -12,7 +12,7 @@ from latentdiff.samplers.conditions import class_labels
 from latentdiff.train import run_training
 
 from ..conftest import ROOT, TINY_RUN
-from .test_cli import _run
+from ..helpers.cli import run_python
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def quick_ckpt(tmp_path_factory) -> Path:
 
 
 def _sample(tmp_path: Path, *args: str):
-    return _run(tmp_path, [str(ROOT / "sample.py"), *args])
+    return run_python(tmp_path, [str(ROOT / "sample.py"), *args])
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:

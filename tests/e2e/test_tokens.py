@@ -4,11 +4,11 @@ recipe, extraction -> training -> sampling -> evaluation on tiny artefacts, chec
 from __future__ import annotations
 
 from ..conftest import ROOT
-from .test_cli import _run
+from ..helpers.cli import run_python
 
 
 def test_the_cli_error_is_one_line_with_exit_2(tmp_path):
-    proc = _run(tmp_path, [str(ROOT / "train.py"), "experiment=quickstart_tokens", "model.vocab_size=100"])
+    proc = run_python(tmp_path, [str(ROOT / "train.py"), "experiment=quickstart_tokens", "model.vocab_size=100"])
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [

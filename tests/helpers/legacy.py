@@ -14,25 +14,25 @@ LEGACY = next(p for p in Path(__file__).resolve().parents if p.name == "tests") 
 EXPECTED = json.loads((LEGACY / "expected" / "expected.json").read_text())
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
 
 
-IO = _npz(LEGACY / "expected" / "backbone_io.npz")
+IO = read_npz(LEGACY / "expected" / "backbone_io.npz")
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def _uvit_out(backbone: torch.nn.Module) -> torch.Tensor:
+def uvit_out(backbone: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         x, t, cond = (torch.from_numpy(IO[k]) for k in ("uvit_x", "uvit_t", "uvit_cond"))
         return backbone.eval()(x, t, cond)
 
 
-def _tokens_out(backbone: torch.nn.Module) -> torch.Tensor:
+def tokens_out(backbone: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return backbone.eval()(torch.from_numpy(IO["tokens_x"]), None, torch.from_numpy(IO["tokens_cond"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 from latentdiff.runlock import LOCK
 
 
-def _write_lock(folder: Path, age_s: float = 0.0, **fields) -> Path:
+def write_lock(folder: Path, age_s: float = 0.0, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     path.write_text(json.dumps({"pid": 0, "host": socket.gethostname(), "started": "earlier", **fields}))

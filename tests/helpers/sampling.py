@@ -9,7 +9,7 @@ from latentdiff.train import build_module
 from ..conftest import TINY_RUN
 
 
-def _module(compose_cfg, *overrides: str):
+def sampling_module(compose_cfg, *overrides: str):
     torch.manual_seed(0)
     module = build_module(compose_cfg([*TINY_RUN, *overrides])).eval()
     module.latent_shape = (3, 32, 32)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 
-class _Touch:
+class Touch:
     """Unpickling this opens (creates) `path`: the smallest "runs code" payload."""
 
     def __init__(self, path: Path):
@@ -19,13 +19,13 @@ class _Touch:
         return (open, (self.path, "w"))
 
 
-def _open_node(marker: Path) -> dict:
+def open_node(marker: Path) -> dict:
     return {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
 
 
-def _pickle_node(marker: Path) -> dict:
+def pickle_node(marker: Path) -> dict:
     """torch.load of an in-memory pickle with weights_only=False: arbitrary code."""
     buffer = io.BytesIO()
-    torch.save(_Touch(marker), buffer)
+    torch.save(Touch(marker), buffer)
     inner = {"_target_": "io.BytesIO", "initial_bytes": buffer.getvalue()}
     return {"_target_": "torch.load", "f": inner, "weights_only": False}

@@ -27,7 +27,7 @@ from latentdiff.verify import verify_path
 
 from ..artefacts import TINY_VAE_FACTOR, make_tiny_vae
 from ..conftest import compose_config, compose_entry
-from ..helpers.legacy import EXPECTED, LEGACY, _csv, _npz
+from ..helpers.legacy import EXPECTED, LEGACY, read_csv_rows, read_npz
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -37,7 +37,7 @@ def test_sample_py_on_a_legacy_checkpoint_makes_the_same_images(name, tmp_path):
     args = [f"ckpt={LEGACY / f'{name}_run' / 'last.ckpt'}", f"out={out}", *EXPECTED[f"{name}_sample"]]
     result = run_sampling(compose_entry("sample", args), args)
     assert result["complete"] and result["global_step"] == 2 and result["weights"] == "ema"
-    made, expected = _npz(out / "samples.npz"), _npz(LEGACY / "expected" / f"samples_{name}.npz")
+    made, expected = read_npz(out / "samples.npz"), read_npz(LEGACY / "expected" / f"samples_{name}.npz")
     assert made.keys() == expected.keys() == {"arr_0", "arr_1"}
     assert made["arr_0"].shape == expected["arr_0"].shape == (6, 32, 32, 3) and made["arr_0"].dtype == np.uint8
     assert np.array_equal(made["arr_1"], expected["arr_1"])
@@ -61,7 +61,7 @@ def test_a_legacy_run_directory_resumes_for_one_more_step(tmp_path):
     for key, value in expected.items():  # the weights, and the step's update (the lr is small in warm-up)
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-8, msg=key)
         torch.testing.assert_close(state[key] - before[key], value - before[key], rtol=1e-3, atol=1e-9, msg=key)
-    old, new = _csv(LEGACY / "uvit_run" / "metrics.csv"), _csv(run / "metrics.csv")
+    old, new = read_csv_rows(LEGACY / "uvit_run" / "metrics.csv"), read_csv_rows(run / "metrics.csv")
     before = [(r["step"], r["train/loss"]) for r in old if r["train/loss"]]
     assert len(before) == 2 and [(r["step"], r["train/loss"]) for r in new if r["train/loss"]][:2] == before
     assert any(r["step"] == "2" and r["train/loss"] for r in new)  # the legacy history, then the new step
@@ -83,7 +83,7 @@ def test_a_legacy_store_verifies_and_gives_the_same_first_batch(store, tmp_path,
         assert meta[key] == expected_meta[key], key
     datamodule = LatentDataModule(root=str(store), **EXPECTED["store_data"])
     batch = next(iter(datamodule.train_dataloader()))
-    expected = _npz(LEGACY / "expected" / "store_batch.npz")
+    expected = read_npz(LEGACY / "expected" / "store_batch.npz")
     assert batch.keys() == expected.keys() and {"moments", "cond", "index"} <= batch.keys()
     for key, value in expected.items():
         assert batch[key].numpy().dtype == value.dtype and np.array_equal(batch[key].numpy(), value), key

@@ -14,12 +14,12 @@ from latentdiff.train import build_module, run_training
 
 from ..artefacts import make_inception_weights
 from ..conftest import TINY_RUN
-from ..helpers.sampling import _module
+from ..helpers.sampling import sampling_module
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver"])
 def test_an_index_gives_the_same_image_whatever_the_batch(compose_cfg, sampler):
-    module = _module(compose_cfg, f"sampler={sampler}")
+    module = sampling_module(compose_cfg, f"sampler={sampler}")
     cfg = compose_cfg([*TINY_RUN, f"sampler={sampler}"])
     from hydra.utils import instantiate
 

@@ -20,7 +20,7 @@ from latentdiff.train import run_training
 
 from ..conftest import TINY_RUN, compose_config
 from ..entries import one_line_error, snapshot
-from ..helpers.trust import _open_node, _pickle_node, _Touch
+from ..helpers.trust import Touch, open_node, pickle_node
 
 
 def _payloads(marker: Path) -> dict[str, callable]:
@@ -37,21 +37,21 @@ def _payloads(marker: Path) -> dict[str, callable]:
         return poison
 
     def nested_in_allowed(config: dict) -> None:  # an allowed class whose argument is a call
-        config["model"]["embed_dim"] = _open_node(marker)
+        config["model"]["embed_dim"] = open_node(marker)
 
     def args_trick(config: dict) -> None:  # Hydra's positional arguments
-        config["vae"]["_args_"] = [_open_node(marker)]
+        config["vae"]["_args_"] = [open_node(marker)]
 
     def partial_trick(config: dict) -> None:  # an allowed class turned into a partial
         config["diffusion"]["_partial_"] = True
-        config["diffusion"]["scheduler"] = _pickle_node(marker)
+        config["diffusion"]["scheduler"] = pickle_node(marker)
 
     return {
-        "vae-open": put("vae", _open_node(marker)),
-        "vae-pickle": put("vae", _pickle_node(marker)),
-        "model-pickle": put("model", _pickle_node(marker)),
-        "scheduler-pickle": put("diffusion.scheduler", _pickle_node(marker)),
-        "sampler-pickle": put("sampler.scheduler", _pickle_node(marker)),
+        "vae-open": put("vae", open_node(marker)),
+        "vae-pickle": put("vae", pickle_node(marker)),
+        "model-pickle": put("model", pickle_node(marker)),
+        "scheduler-pickle": put("diffusion.scheduler", pickle_node(marker)),
+        "sampler-pickle": put("sampler.scheduler", pickle_node(marker)),
         "nested-in-allowed": nested_in_allowed,
         "args": args_trick,
         "partial": partial_trick,
@@ -136,7 +136,7 @@ def test_an_export_whose_metadata_names_code_is_refused(real_ckpt, tmp_path):
     marker = tmp_path / "marker"
     folder = _exported(real_ckpt, tmp_path / "export")
     index = json.loads((folder / "model_index.json").read_text())
-    index["_latentdiff"]["config"]["model"] = _pickle_node(marker) | {"f": {"_target_": "io.StringIO"}}
+    index["_latentdiff"]["config"]["model"] = pickle_node(marker) | {"f": {"_target_": "io.StringIO"}}
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError) as err:
         load_exported(folder)
@@ -146,7 +146,7 @@ def test_an_export_whose_metadata_names_code_is_refused(real_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 
     weights = folder / "backbone.safetensors"
-    save_file(load_file(str(weights)), str(weights), metadata={"latentdiff_model": json.dumps(_open_node(marker))})
+    save_file(load_file(str(weights)), str(weights), metadata={"latentdiff_model": json.dumps(open_node(marker))})
     with pytest.raises(ConfigError, match=r"backbone\.safetensors \(metadata\): model\._target_='builtins\.open'"):
         load_exported(weights)
     assert not marker.exists()
@@ -157,8 +157,8 @@ def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch, ca
 
     marker, control = tmp_path / "marker", tmp_path / "control"
     crafted = tmp_path / "inception.pth"
-    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "hook": _Touch(marker)}, crafted)
-    torch.save({"hook": _Touch(control)}, tmp_path / "control.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "hook": Touch(marker)}, crafted)
+    torch.save({"hook": Touch(control)}, tmp_path / "control.pth")
     with pytest.raises(Exception):  # noqa: B017 - the point is that it ran before failing
         FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "control.pth")
@@ -181,7 +181,7 @@ def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch, ca
 
 def test_a_crafted_weights_file_for_model_pretrained_runs_no_code(tmp_path, monkeypatch, capfd):
     marker = tmp_path / "marker"
-    torch.save({"pos_embed": torch.zeros(1), "hook": _Touch(marker)}, tmp_path / "weights.pt")
+    torch.save({"pos_embed": torch.zeros(1), "hook": Touch(marker)}, tmp_path / "weights.pt")
     args = [f"paths.log_dir={tmp_path}/outputs", *TINY_RUN, f"model.pretrained={tmp_path}/weights.pt"]
     line, _ = one_line_error("train", args, tmp_path, monkeypatch, capfd)
     assert line.startswith(f"error: model.pretrained={tmp_path}/weights.pt was refused: it holds pickled"), line

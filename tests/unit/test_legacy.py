@@ -20,7 +20,7 @@ from latentdiff.models.build import build_backbone
 from latentdiff.verify import verify_path
 
 from ..conftest import compose_config
-from ..helpers.legacy import EXPECTED, IO, LEGACY, _tokens_out, _uvit_out
+from ..helpers.legacy import EXPECTED, IO, LEGACY, tokens_out, uvit_out
 
 
 def test_the_legacy_files_were_written_by_the_code_before_the_change():
@@ -32,9 +32,9 @@ def test_the_legacy_files_were_written_by_the_code_before_the_change():
 def test_legacy_checkpoints_load_as_model_pretrained():
     """A checkpoint's EMA weights through `model.pretrained=<last.ckpt>`: the outputs of its export."""
     cfg = compose_config([*EXPECTED["uvit_run"], f"model.pretrained={LEGACY / 'uvit_run' / 'last.ckpt'}"])
-    torch.testing.assert_close(_uvit_out(build_backbone(cfg.model)), torch.from_numpy(IO["uvit_out"]))
+    torch.testing.assert_close(uvit_out(build_backbone(cfg.model)), torch.from_numpy(IO["uvit_out"]))
     cfg = compose_config([*EXPECTED["tokens_run"], f"model.pretrained={LEGACY / 'tokens_run' / 'last.ckpt'}"])
-    torch.testing.assert_close(_tokens_out(build_backbone(cfg.model)), torch.from_numpy(IO["tokens_out"]))
+    torch.testing.assert_close(tokens_out(build_backbone(cfg.model)), torch.from_numpy(IO["tokens_out"]))
 
 
 @pytest.mark.parametrize("name", ["uvit_run/last.ckpt", "tokens_run/last.ckpt", "uvit_run"])
@@ -49,11 +49,11 @@ def test_a_legacy_uvit_export_loads_every_way_with_the_same_outputs():
     export = LEGACY / "uvit_export"
     expected = torch.from_numpy(IO["uvit_out"])
     assert expected.shape == IO["uvit_x"].shape and IO["uvit_cond"][-1] == 4  # a class and the null class
-    torch.testing.assert_close(_uvit_out(load_exported(export)), expected)
-    torch.testing.assert_close(_uvit_out(load_exported(export / "backbone.safetensors")), expected)
+    torch.testing.assert_close(uvit_out(load_exported(export)), expected)
+    torch.testing.assert_close(uvit_out(load_exported(export / "backbone.safetensors")), expected)
     for pretrained in (export, export / "backbone.safetensors", export / "transformer"):
         cfg = compose_config([*EXPECTED["uvit_run"], f"model.pretrained={pretrained}"])
-        torch.testing.assert_close(_uvit_out(build_backbone(cfg.model)), expected, msg=str(pretrained))
+        torch.testing.assert_close(uvit_out(build_backbone(cfg.model)), expected, msg=str(pretrained))
     index = json.loads((export / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"] and index["_latentdiff"]["step"] == 2
     scheduler = DDPMScheduler.from_pretrained(export, subfolder="scheduler")
@@ -67,9 +67,9 @@ def test_a_legacy_token_export_loads_in_latentdiff_and_in_diffusers():
     export = LEGACY / "tokens_export"
     expected = torch.from_numpy(IO["tokens_out"])
     backbone = load_exported(export)
-    torch.testing.assert_close(_tokens_out(backbone), expected)
+    torch.testing.assert_close(tokens_out(backbone), expected)
     cfg = compose_config([*EXPECTED["tokens_run"], f"model.pretrained={export}"])
-    torch.testing.assert_close(_tokens_out(build_backbone(cfg.model)), expected)
+    torch.testing.assert_close(tokens_out(build_backbone(cfg.model)), expected)
     ours = backbone.state_dict()
     theirs = UVit2DModel.from_pretrained(export, subfolder="transformer").state_dict()
     assert theirs and all(torch.equal(v, ours[f"transformer.{k}"]) for k, v in theirs.items())

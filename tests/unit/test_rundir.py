@@ -16,7 +16,7 @@ from latentdiff.errors import ConfigError
 from latentdiff.rundir import run_dir
 from latentdiff.runlock import LOCK, RunLock
 
-from ..helpers.rundir import _write_lock
+from ..helpers.rundir import write_lock
 
 
 def test_the_lock_is_held_while_the_run_lives_and_removed_after(tmp_path):
@@ -38,7 +38,7 @@ def test_the_lock_is_held_while_the_run_lives_and_removed_after(tmp_path):
     ],
 )
 def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path, fields, age_s, stale):
-    _write_lock(tmp_path, age_s, **fields)
+    write_lock(tmp_path, age_s, **fields)
     if stale:
         RunLock(tmp_path).acquire().release()
     else:
@@ -47,7 +47,7 @@ def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path, fields, age_
 
 
 def test_a_requeued_slurm_job_takes_over_its_earlier_start(tmp_path, monkeypatch):
-    _write_lock(tmp_path, host="node-a", pid=1, slurm_job="42", slurm_restart=0)
+    write_lock(tmp_path, host="node-a", pid=1, slurm_job="42", slurm_restart=0)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     RunLock(tmp_path).acquire().release()

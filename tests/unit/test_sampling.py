@@ -9,7 +9,7 @@ from latentdiff.samplers.conditions import class_labels
 from latentdiff.samplers.image import module_sampler
 
 from ..conftest import TINY_RUN
-from ..helpers.sampling import _module
+from ..helpers.sampling import sampling_module
 
 
 def test_labels_are_per_index():
@@ -22,7 +22,7 @@ def test_labels_are_per_index():
 def test_cfg_with_w_1_equals_the_conditional_model(compose_cfg):
     from hydra.utils import instantiate
 
-    module = _module(compose_cfg, "sampler=ddim")
+    module = sampling_module(compose_cfg, "sampler=ddim")
     cfg = compose_cfg([*TINY_RUN, "sampler=ddim"])
     labels = torch.tensor([0, 1, 2])
     guided = module_sampler(module, instantiate(cfg.sampler.scheduler), 3, guidance_scale=1.0).latents(

@@ -17,11 +17,11 @@ from hydra.utils import instantiate
 from latentdiff import renames, trust
 
 from ..conftest import CONF_DIR, TINY_RUN, compose_config
-from ..helpers.trust import _open_node, _pickle_node, _Touch
+from ..helpers.trust import Touch, open_node, pickle_node
 
 
 def test_the_payloads_are_live(tmp_path):
-    for i, node in enumerate((_open_node(tmp_path / "a"), _pickle_node(tmp_path / "b"))):
+    for i, node in enumerate((open_node(tmp_path / "a"), pickle_node(tmp_path / "b"))):
         instantiate(node)
         assert (tmp_path / "ab"[i]).exists()  # Hydra builds them: this is what a stored config must not reach
 
@@ -75,7 +75,7 @@ def test_a_crafted_vae_folder_runs_no_code(tmp_path):
     state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     marker = tmp_path / "marker"
-    torch.save({**state, "hook": _Touch(marker)}, folder / "diffusion_pytorch_model.bin")
+    torch.save({**state, "hook": Touch(marker)}, folder / "diffusion_pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"vae.pretrained=.*could not be loaded"):
         FrozenAutoencoderKL(str(folder))
     assert not marker.exists()
