@@ -15,7 +15,7 @@ tensor), and the official gradient checkpointing (reentrant) where the config as
 Ours: `latentdiff.models.uvit.UViT` with the same constructor arguments and the official weights (loaded with
 `strict=True`), the same inputs and optimizer hyper-parameters, but `AdamW(fused=True)` and
 `latentdiff.ema.EMA(decay=0.9999, warmup=False)` (one fused lerp over all tensors); variant "eager" as is,
-"blocks" compiles each block (`latentdiff.module.compile_blocks`), "model" the whole network (`torch.compile`).
+"blocks" compiles each block (`latentdiff.compile.compile_blocks`), "model" the whole network (`torch.compile`).
 Precision "bf16" wraps forward and loss in `torch.autocast(device, torch.bfloat16)` on both sides.
 
 Before timing, one fp32 step on both sides from identical weights checks that they compute the same thing: the

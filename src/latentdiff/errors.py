@@ -87,6 +87,13 @@ def _mb(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
+def _misconfiguration() -> tuple[type, ...]:
+    """Lightning's configuration error class where Lightning is loaded (an error raised before it loads cannot be
+    one of them), so that checks made before the heavy imports do not import it."""
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return (lightning.MisconfigurationException,) if lightning is not None else ()
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors of building objects from a config into one-line `ConfigError`s.
@@ -96,17 +103,14 @@ def user_errors() -> Iterator[None]:
     """
     from hydra.errors import InstantiationException
 
-    # Lightning's error class where Lightning is loaded (a mistake found before it loads cannot be one of them)
-    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
-    misconfiguration = (lightning.MisconfigurationException,) if lightning is not None else ()
     try:
         yield
     except ConfigError:
         raise
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError, TypeError, *misconfiguration)):
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError, *_misconfiguration())):
             raise ConfigError(one_line(str(cause).splitlines()[0] if str(cause) else repr(cause))) from cause
         raise
-    except (ValueError, FileNotFoundError, *misconfiguration) as err:
+    except (ValueError, FileNotFoundError, *_misconfiguration()) as err:
         raise ConfigError(one_line(str(err).splitlines()[0] if str(err) else repr(err))) from err

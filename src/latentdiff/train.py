@@ -24,6 +24,7 @@ from latentdiff.module import DiffusionModule
 from latentdiff.objectives.masked_tokens import check_token_run
 from latentdiff.rundir import latest_checkpoint, no_resume, stopped_before_first_checkpoint
 from latentdiff.runlock import claim
+from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.strategies import check_strategy, install_hydra_launch, trainer_batch
 from latentdiff.validation import validate_train_config
 
@@ -213,6 +214,8 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
+        if cfg.get("sampler"):  # the grids and FID sample with it: fail now (diffusers' own option checks too)
+            make_sampling_scheduler(instantiate(cfg.sampler.scheduler), module.diffusion.scheduler)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(module.autoencoder)
         check_condition(module.backbone, bool(getattr(datamodule, "text", False)), module.num_classes)

@@ -71,8 +71,11 @@ class Backbone(nn.Module):
         (folder / "config.json").write_text(json.dumps(record, indent=2))
         return type(self).__module__, type(self).__name__
 
-    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
-        """The state dict in a folder `save_diffusers` wrote, keyed for this backbone."""
+    def load_diffusers(
+        self, folder: Path, key: str = "model.pretrained", value: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The state dict in a folder `save_diffusers` wrote, keyed for this backbone (`key=value`: what named it,
+        for the message)."""
         from latentdiff.models.weights import read_state_dict
 
         return read_state_dict(folder / WEIGHTS, key)

@@ -98,12 +98,14 @@ class _DiffusersUNet(Backbone):
         self.unet.save_pretrained(folder, safe_serialization=True)
         return "diffusers", type(self.unet).__name__
 
-    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
+    def load_diffusers(
+        self, folder: Path, key: str = "model.pretrained", value: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The state dict of a diffusers folder of the wrapped UNet class, keyed `unet.<diffusers key>`."""
         try:
             unet = self.diffusers_cls.from_pretrained(folder)
         except (OSError, ValueError) as err:
-            raise artefact_not_loaded(key, str(folder), err) from None
+            raise artefact_not_loaded(key, value or str(folder), err) from None
         return {f"unet.{k}": v for k, v in unet.state_dict().items()}
 
     def dummy_cond(

@@ -193,12 +193,14 @@ class UVit2D(Backbone):
         self.transformer.save_pretrained(folder, safe_serialization=True)
         return "diffusers", type(self.transformer).__name__
 
-    def load_diffusers(self, folder: Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
+    def load_diffusers(
+        self, folder: Path, key: str = "model.pretrained", value: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The state dict of a `UVit2DModel` folder (e.g. aMUSEd's `transformer/`), keyed for this wrapper."""
         try:
             model = UVit2DModel.from_pretrained(folder)
         except (OSError, ValueError) as err:
-            raise artefact_not_loaded(key, str(folder), err) from None
+            raise artefact_not_loaded(key, value or str(folder), err) from None
         return {f"transformer.{k}": v for k, v in model.state_dict().items()}
 
 

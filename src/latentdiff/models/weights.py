@@ -80,6 +80,6 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
             path = path / backbone.export_folder
         if not path.exists():
             raise ValueError(f"{key}={pretrained} holds no {path.name} for the configured {name}")
-    state = backbone.load_diffusers(path, key) if path.is_dir() else read_state_dict(path, key)
+    state = backbone.load_diffusers(path, key, str(pretrained)) if path.is_dir() else read_state_dict(path, key)
     check_fits(backbone, state, key, pretrained, f"the configured {name}")
     backbone.load_state_dict(state)

@@ -140,22 +140,26 @@ class MaskedTokens(Objective):
 
 
 def check_token_run(backbone: Any, autoencoder: Any, objective: Objective) -> None:
-    """Raise one line when the backbone, the autoencoder and the objective do not all read token ids, or all not.
-
-    The numbers (codebook, vocabulary, mask id) are checked on the config before anything is built
-    (`check_token_config`), and the VQ model's real codebook against the declared one when it loads.
+    """Raise one line when the backbone, the autoencoder and the objective do not all read token ids (or all not),
+    or when their numbers (codebook, mask id) differ: the config's declared numbers are checked before anything
+    is built (`check_token_config`), these are the built objects' own (a `vae.codebook_size=null` skips the first).
     """
     tokens = [
         ("diffusion", objective.input_kind == "tokens", "diffusion=masked_tokens"),
         ("model", backbone.input_kind == "tokens", "model=uvit2d or uvit2d_tiny"),
         ("vae", autoencoder.output_kind == "tokens", "vae=vq_amused256, vq_local or vq_tiny"),
     ]
-    if not any(is_token for _, is_token, _ in tokens) or all(is_token for _, is_token, _ in tokens):
+    if not any(is_token for _, is_token, _ in tokens):
         return
-    wrong = [key for key, is_token, _ in tokens if not is_token]
-    need = "; ".join(what for _, _, what in tokens)
-    verb = "is" if len(wrong) == 1 else "are"
-    raise ValueError(f"a masked-token run needs {need}; {' and '.join(wrong)} {verb} not set for one")
+    if not all(is_token for _, is_token, _ in tokens):
+        wrong = [key for key, is_token, _ in tokens if not is_token]
+        need = "; ".join(what for _, _, what in tokens)
+        verb = "is" if len(wrong) == 1 else "are"
+        raise ValueError(f"a masked-token run needs {need}; {' and '.join(wrong)} {verb} not set for one")
+    if backbone.codebook_size != autoencoder.codebook_size:
+        raise ValueError(codebook_error(backbone.codebook_size, autoencoder.codebook_size, autoencoder.pretrained))
+    if objective.mask_token_id != backbone.mask_token_id:
+        raise ValueError(mask_id_error(objective.mask_token_id, backbone.vocab_size))
 
 
 def codebook_error(model_codes: int, vq_codes: int, where: str) -> str:
