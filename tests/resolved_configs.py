@@ -24,6 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdiff.config import register_resolvers
+from latentdiff.renames import canonical_target
 
 from .conftest import CONF_DIR
 
@@ -191,3 +192,30 @@ if __name__ == "__main__":
     configs = compose_all()
     GOLDEN.write_text(json.dumps(configs, indent=1) + "\n")
     print(f"{GOLDEN}: {len(configs)} configs, {GOLDEN.stat().st_size / 1e3:.0f} kB")
+
+
+def first_difference(golden: object, composed: object, path: str = "") -> str | None:
+    """The first key path where `composed` differs from `golden` (`_target_` values compared canonically)."""
+    if isinstance(golden, dict) and isinstance(composed, dict):
+        for k in [*golden, *(k for k in composed if k not in golden)]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in composed or k not in golden:
+                side = "composed" if k not in composed else "golden file"
+                return f"{where}: missing from the {side}"
+            if k == "_target_" and isinstance(golden[k], str) and isinstance(composed[k], str):
+                if canonical_target(golden[k]) != canonical_target(composed[k]):
+                    return f"{where}: golden {golden[k]!r}, composed {composed[k]!r}"
+                continue
+            difference = first_difference(golden[k], composed[k], where)
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(golden, list) and isinstance(composed, list) and len(golden) == len(composed):
+        for i, (g, c) in enumerate(zip(golden, composed, strict=True)):
+            difference = first_difference(g, c, f"{path}[{i}]")
+            if difference is not None:
+                return difference
+        return None
+    if golden != composed or type(golden) is not type(composed):
+        return f"{path}: golden {golden!r}, composed {composed!r}"
+    return None

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 from latentdiff.config import check_group_choices
 from latentdiff.errors import ConfigError
 from latentdiff.models.build import build_backbone
-from latentdiff.renames import canonical_target
 from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.utils import native_bf16
 from latentdiff.validation import validate_train_config
@@ -23,6 +22,7 @@ from ..resolved_configs import (
     combinations,
     compose_all,
     composer,
+    first_difference,
     key,
     object_overrides,
     option_overrides,
@@ -35,38 +35,6 @@ GROUPS = sorted(
     p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder", "sweep")
 )
 OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
-
-
-def _canonical(target: str) -> str:
-    """A `_target_` under its current name (configs composed before a class moved hold its old name)."""
-    return canonical_target(target)
-
-
-def first_difference(golden: object, composed: object, path: str = "") -> str | None:
-    """The first key path where `composed` differs from `golden` (`_target_` values compared canonically)."""
-    if isinstance(golden, dict) and isinstance(composed, dict):
-        for k in [*golden, *(k for k in composed if k not in golden)]:
-            where = f"{path}.{k}" if path else str(k)
-            if k not in composed or k not in golden:
-                side = "composed" if k not in composed else "golden file"
-                return f"{where}: missing from the {side}"
-            if k == "_target_" and isinstance(golden[k], str) and isinstance(composed[k], str):
-                if _canonical(golden[k]) != _canonical(composed[k]):
-                    return f"{where}: golden {golden[k]!r}, composed {composed[k]!r}"
-                continue
-            difference = first_difference(golden[k], composed[k], where)
-            if difference is not None:
-                return difference
-        return None
-    if isinstance(golden, list) and isinstance(composed, list) and len(golden) == len(composed):
-        for i, (g, c) in enumerate(zip(golden, composed, strict=True)):
-            difference = first_difference(g, c, f"{path}[{i}]")
-            if difference is not None:
-                return difference
-        return None
-    if golden != composed or type(golden) is not type(composed):
-        return f"{path}: golden {golden!r}, composed {composed!r}"
-    return None
 
 
 def test_first_difference_names_the_key_path():
