@@ -8,6 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
 .PHONY: help install train extract sample evaluate export verify test test-fast test-integration test-e2e bench bench-gpu \
@@ -22,7 +23,7 @@ help: ## List the targets
 	.tools/bin/python -m pip install --quiet uv
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.installed ## Install the package and its locked dependencies into .venv (uv)
@@ -45,17 +46,17 @@ sample: install ## Generate images: make sample ARGS="ckpt=outputs/.../last.ckpt
 evaluate: install ## Score samples: make evaluate ARGS="samples=.../samples.npz reference=... metrics=[fid,isc]"
 	$(PY) evaluate.py $(ARGS)
 
-test: install ## Run every tier, unit first, then integration, then e2e (CPU, offline)
-	$(PY) -m pytest -q tests/unit tests/integration tests/e2e $(PYTEST_ARGS)
+test: install ## Run every tier (CPU, offline), one pytest-xdist worker per core; TEST_WORKERS=0 runs them in one process
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit tests/integration tests/e2e $(PYTEST_ARGS)
 
 test-fast: install ## Run the unit tier (tests/unit: no training, no subprocess; under 2 minutes)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test-integration: install ## Run the integration tier (tests/integration: jobs run in-process)
-	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/integration $(PYTEST_ARGS)
 
 test-e2e: install ## Run the e2e tier (tests/e2e: the README's commands in subprocesses)
-	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/e2e $(PYTEST_ARGS)
 
 bench: install ## Benchmarks (bench/): tables + JSON under outputs/bench/; OFFICIAL_UVIT=<U-ViT checkout> adds the side-by-side
 	$(PY) bench/train.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ from omegaconf import DictConfig, open_dict
 from latentdiff.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one pytest-xdist worker per core:
+    # each worker (and the subprocesses it starts) computes with its share of the cores, not all of them
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.

@@ -33,7 +33,7 @@ class FixedNoiseModule(DiffusionModule):
     out: Path
 
     def training_step(self, batch, batch_idx):
-        x0 = self.latents(batch)  # pixel space: the images themselves
+        x0 = self.autoencoder.model_input(batch)  # pixel space: the images themselves
         draws = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
         t = torch.stack([torch.randint(0, 1000, (), generator=g) for g in draws])  # (B,)
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws])  # (B, C, H, W)

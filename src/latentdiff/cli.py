@@ -176,11 +176,12 @@ def hydra_entry(
         check_group_choices(sys.argv[1:], config_dir)
         composed = check_overrides(sys.argv[1:], config_dir, config_name)
         if composed is not None:
-            from latentdiff.validation import check_missing
+            from latentdiff.validation import check_early, check_missing
 
             values = OmegaConf.to_container(composed, resolve=False)
             values.pop("hydra", None)
             check_missing(values, config_name)
+            check_early(composed, config_name)
             if precheck is not None:
                 precheck(composed, sys.argv[1:])
     except (ConfigError, DiskFullError) as err:

@@ -38,6 +38,23 @@ def clip_by_norm(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor)
         torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
+def clip_gradients(
+    params: Iterable[nn.Parameter], max_value: float | None, algorithm: str | None, norm: torch.Tensor, sharded=None
+) -> None:
+    """`trainer.gradient_clip_val`/`gradient_clip_algorithm` on `params`' gradients: by value, or by norm from their
+    norm computed already for the guard (`clip_by_norm`); a `sharded` (FSDP) model clips by the norm over all
+    its shards. Nothing when `max_value` is 0 or None."""
+    if not max_value:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(grads, max_value)
+    elif sharded is not None:
+        sharded.clip_grad_norm_(max_value)
+    else:
+        clip_by_norm(grads, max_value, norm)
+
+
 def all_ranks_max(value: torch.Tensor) -> torch.Tensor:
     """The maximum of `value` over all ranks: a collective queued on the device, no host-device sync."""
     dist = torch.distributed

@@ -19,12 +19,12 @@ from torch import nn
 from latentdiff.compile import compile_backbone
 from latentdiff.data.order import generator_for
 from latentdiff.ema import EMA
-from latentdiff.guard import NonFiniteGuard, clip_by_norm, grad_norm
+from latentdiff.guard import NonFiniteGuard, clip_gradients, grad_norm
 from latentdiff.lightning_internals import attached_trainer, logs_this_step
 from latentdiff.loggers import wandb_run_id
 from latentdiff.objectives import FlowMatching, GaussianDiffusion
 from latentdiff.rng import rng_states, set_rng_states
-from latentdiff.samplers.cfg import null_condition
+from latentdiff.samplers.cfg import drop_condition, null_condition
 from latentdiff.strategies import shards_parameters
 
 _FROZEN_PREFIX = "autoencoder."
@@ -124,18 +124,6 @@ class DiffusionModule(L.LightningModule):
             return cond.float()  # text features are stored in fp16; autocast picks the compute dtype
         return cond if self.num_classes > 0 else None  # class ids of an unconditional run are ignored
 
-    def drop_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """Replace each condition by the null condition with probability `p_uncond` (CFG training)."""
-        if cond is None or self.p_uncond == 0.0:
-            return cond
-        drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < self.p_uncond  # (B,)
-        return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), self.null_cond(cond), cond)
-
-    def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents z (B, C, h, w) from a batch of images or of stored VAE moments; with a VQ tokenizer,
-        token ids (B, h, w) from a batch of images or of stored ids."""
-        return self.autoencoder.model_input(batch, generator)  # the autoencoder contract
-
     # -------------------------------------------------------------------------------------- training
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """The generator of one training micro-batch: a function of (seed, rank, step, batch index) only."""
@@ -143,8 +131,8 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         generator = self.step_generator(batch_idx)
-        x0 = self.latents(batch, generator=generator)  # (B, C, h, w)
-        cond = self.drop_cond(self.batch_cond(batch), generator)
+        x0 = self.autoencoder.model_input(batch, generator)  # latents (B, C, h, w), or VQ token ids (B, h, w)
+        cond = drop_condition(self.batch_cond(batch), self.null_cond, self.p_uncond, generator)  # CFG training
         loss, _ = self.diffusion.loss(self._train_forward, x0, cond, generator=generator)
         self.guard.observe(loss, batch.get("index"))
         # Only when the loggers write (Lightning's `log` costs ~1 ms of Python per call) or at the run's last step
@@ -172,15 +160,8 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         """`trainer.gradient_clip_val` with the norm of `on_before_optimizer_step`, also for fused optimizers
         (Lightning refuses those as under fp16 they unscale internally; `validate_train_config` refuses that)."""
-        if not gradient_clip_val:
-            return
-        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(grads, gradient_clip_val)
-        elif shards_parameters(self.trainer):
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP: the norm over all shards
-        else:
-            clip_by_norm(grads, gradient_clip_val, self._grad_norm)
+        sharded = self.trainer.model if shards_parameters(self.trainer) else None  # FSDP: the norm over all shards
+        clip_gradients(self.backbone.parameters(), gradient_clip_val, gradient_clip_algorithm, self._grad_norm, sharded)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Lightning calls this once per real optimizer step (after gradient accumulation)
@@ -206,11 +187,8 @@ class DiffusionModule(L.LightningModule):
         `val/loss` uses it, so values at different steps (or of different runs) are comparable.
         """
         generator = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
-        x0 = self.latents(batch, generator=generator)  # the posterior draw uses the CPU generator
-        t = self.diffusion.sample_timesteps(x0.shape[0], torch.device("cpu"), generator).to(self.device)
-        eps = self.diffusion.draw_noise(x0.shape, generator).to(self.device)  # Gaussian eps, or masking noise u
-        loss, _ = self.diffusion.loss(model, x0, self.batch_cond(batch), t=t, eps=eps)
-        return loss
+        x0 = self.autoencoder.model_input(batch, generator)  # the posterior draw uses the CPU generator
+        return self.diffusion.heldout_loss(model, x0, self.batch_cond(batch), generator)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         batch_size = len(next(iter(batch.values())))

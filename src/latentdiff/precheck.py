@@ -1,9 +1,10 @@
-"""What `train.py` checks on the composed config before Hydra starts and before torch, Lightning or diffusers load.
+"""What `train.py` checks on the composed config before Hydra starts and before torch, Lightning or diffusers load,
+after every entry's rule checks (`cli.hydra_entry` runs `validation.check_early`).
 
-Each `data.*` and `model.*` value is checked against its rule (`latentdiff.rules`); then a mistake in the U-ViT's shape
-(`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument checks (`models.uvit_args`,
-which `UViT.__init__` runs too: one check, one place), which need no torch. Other backbones are checked by the
-job when it builds them. Then the run directory is checked and claimed (`rundir.check_location`).
+A mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
+checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place), which need no torch. Other
+backbones are checked by the job when it builds them. Then the run directory is checked and claimed
+(`rundir.check_location`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from latentdiff.errors import user_errors
 from latentdiff.models.uvit_args import check_uvit_args
 from latentdiff.renames import canonical_target
 from latentdiff.rundir import check_location
-from latentdiff.validation import check_values
 
 # the torch-free argument checks of a backbone, by its `_target_`
 ARGUMENT_CHECKS = {"latentdiff.models.uvit.UViT": check_uvit_args}
@@ -33,13 +33,9 @@ def check_model(cfg: Any) -> None:
     if check is None:
         return
     try:
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     except Exception:  # an interpolation only the job can resolve: the job checks it
         return
-    # each key's own rule first, in the job's order: the data (whose sizes the model reads) before the model
-    check_values(data_cfg, "data")
-    check_values(model_cfg, "model")
     try:
         with user_errors():
             check(**{k: v for k, v in model_cfg.items() if not k.startswith("_")})

@@ -29,9 +29,15 @@ def artefact_not_loaded(key: str, pretrained: str, err: Exception, alternative: 
         err: the loader's exception (its first line is quoted).
         alternative: another way to make the folder, quoted in parentheses.
     """
-    where = "local folder" if Path(pretrained).exists() else "hub id"
-    first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
     extra = f" ({alternative})" if alternative else ""
+    path = Path(pretrained).expanduser()
+    if not path.exists() and (pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1):
+        return FileNotFoundError(  # a path, not a hub id (org/name): the loader's words would only repeat it
+            f"{key}={pretrained!r} does not exist -- on a machine with internet run `huggingface-cli download "
+            f"<org/name> --local-dir <dir>`{extra} and set {key}=<dir>"
+        )
+    where = "local folder" if path.exists() else "hub id"
+    first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
     return FileNotFoundError(
         f"{key}={pretrained!r} ({where}) could not be loaded: {first} -- on a machine with internet run "
         f"`huggingface-cli download {pretrained} --local-dir <dir>`{extra} and set {key}=<dir>"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,14 +47,45 @@ def check_config(cfg: DictConfig, entry: str, groups: bool = True, targets: bool
     """
     values = plain(cfg)
     check_missing(values, entry)
+    _check_leaves(values, entry, groups)
+    if groups and targets:
+        check_targets(values)
+
+
+def check_early(cfg: DictConfig, entry: str) -> None:
+    """`check_config`'s rules, without its `_target_` checks, on the composed config before Hydra starts and
+    before any heavy import: every value that resolves there, the data's keys first and then the model's, whose
+    sizes interpolate the data's. A value computed by a resolver (`${hydra:...}` for `paths.output_dir`,
+    `${ld.fast_precision:}` that asks torch about the machine) is left to the job.
+
+    Raises:
+        ConfigError: the first key whose value is not allowed.
+    """
+    values = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    values.pop("hydra", None)
+    ordered = {k: values[k] for k in sorted(values, key=lambda k: {"data": 0, "model": 1}.get(k, 2))}
+    for key, value in leaves(ordered):
+        if isinstance(value, str) and "${" in value:
+            if _RESOLVER.search(value):
+                continue
+            try:
+                node = OmegaConf.select(cfg, key, throw_on_missing=False)
+                value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            except OmegaConfBaseException:
+                continue
+        _check_leaves({key: value}, entry, _NEEDS_GROUPS.get(entry, True))
+
+
+_RESOLVER = re.compile(r"\$\{[\w.]+:")  # `${name:...}`: a resolver call, not a reference to another key
+
+
+def _check_leaves(values: Mapping[str, Any], entry: str, groups: bool) -> None:
     own = ENTRY_RULES.get(entry, {})
     for key, value in leaves(values):
         if key in own:
             _check_value(key, value, own[key])
         elif groups:
             _check_value(key, value, rule_for(key))
-    if groups and targets:
-        check_targets(values)
 
 
 def check_values(values: Mapping[str, Any], prefix: str = "") -> None:

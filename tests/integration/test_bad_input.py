@@ -186,6 +186,25 @@ MATRIX = [
     ("train", ["trainer.detect_anomaly=true"], "trainer.detect_anomaly=true: trainer.detect_anomaly is not set in"),
     ("sample", ["ckpt={w}/run/last.ckpt", "use_emma=false"], "use_emma=false is not a key of the config; did you mean"),
     ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "guidance_scale=abc"], "guidance_scale='abc' must be a number"),
+    # --- moved from the subprocess tier (tests/e2e keeps one case per command)
+    ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "model.depth=4"], "ckpt={w}/run/last.ckpt does not fit model"),
+    ("sample", ["ckpt={w}/run/last.ckpt", "out={w}/s", "labels=[7]"], "labels=[7] must be class ids in [0, 4)"),
+    (
+        "extract",
+        ["data.root={w}/images_src", "out={w}/s", "vae=sd_ema", "vae.pretrained={w}/no-vae"],
+        "vae.pretrained='{w}/no-vae' does not exist -- on a machine with internet run `huggingface-cli download",
+    ),
+    (
+        "extract",
+        ["data=coco_captions", "data.images={w}/images", "data.annotations={w}/absent.json", "out={w}/s"],
+        "data.annotations={w}/absent.json does not exist",
+    ),
+    (
+        "train",
+        ["experiment=quickstart_tokens", "model.vocab_size=100"],
+        "model.vocab_size=100 is too small for model.codebook_size=256 and the mask token (id vocab_size - 1); "
+        "use model.vocab_size >= 257",
+    ),
 ]
 
 
@@ -194,12 +213,31 @@ def test_bad_input_is_one_line_nonzero_exit_and_changes_nothing(world, monkeypat
     args = case = [a.format(w=world) for a in args]
     message = message.format(w=world)
     if entry == "train":
-        tiny = [] if any(a.startswith("data=") for a in args) else TINY_RUN
+        tiny = [] if any(a.startswith(("data=", "experiment=")) for a in args) else TINY_RUN
         args = [f"paths.log_dir={world}/outputs", *tiny, *args]
     before = _snapshot(world)
     line, code = one_line_error(entry, args, world, monkeypatch, capfd)
     assert line.startswith(f"error: {message}"), line
+    assert code == 2, line
     assert len(line) < 400, line  # one short line, whatever the value's length
     assert _snapshot(world) == before  # nothing existing changed, nothing new written
     print(f"{entry}.py {' '.join(case).replace(str(world), '<w>')}")
     print(f"  -> {line.replace(str(world), '<w>')} (exit {code})")
+
+
+def test_offline_sd_ema_says_what_to_download(world, monkeypatch, capfd):
+    args = [f"data.root={world}/images_src", f"out={world}/s", "vae=sd_ema"]
+    line, code = one_line_error("extract", args, world, monkeypatch, capfd)
+    assert code == 2
+    assert "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir <dir>" in line
+    assert "set vae.pretrained=<dir>" in line
+
+
+def test_offline_inception_download_names_the_url_and_the_option(world, tmp_path, monkeypatch, capfd):
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    args = [f"samples={world}/samples.npz", "metrics=[isc]", "device=cpu"]
+    line, code = one_line_error("evaluate", args, world, monkeypatch, capfd)
+    assert code == 2
+    assert "weights-inception-2015-12-05-6726825d.pth" in line and "set inception_weights=<file>" in line

@@ -66,6 +66,13 @@ class Objective(ABC):
     def draw_noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
         """The noise `loss` draws when none is given, on the generator's device (CPU when None)."""
 
+    def heldout_loss(self, model: Backbone, x0: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator):
+        """The mean loss of `model` on x0 with timesteps and noise drawn from the CPU `generator` (seeded by the
+        caller, e.g. by the batch index): values at different steps, or of different runs, compare."""
+        t = self.sample_timesteps(x0.shape[0], torch.device("cpu"), generator).to(x0.device)
+        eps = self.draw_noise(x0.shape, generator).to(x0.device)  # Gaussian eps, or masking noise u
+        return self.loss(model, x0, cond, t=t, eps=eps)[0]
+
     @classmethod
     @abstractmethod
     def takes_sampler(cls, scheduler_class: type) -> bool:

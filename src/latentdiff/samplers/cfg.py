@@ -1,4 +1,5 @@
-"""Classifier-free guidance: the project's one helper, and the null condition it guides against.
+"""Classifier-free guidance: the project's one helper, the null condition it guides against, and the condition
+dropout that trains the unconditional model.
 
 Convention (diffusers/DiT): out = uncond + w * (cond - uncond) on all channels; w = 1 is no guidance.
 U-ViT's `scale` s is w = 1 + s (its ImageNet-256 setting s = 0.4 is w = 1.4). On token logits (the unmasking
@@ -24,6 +25,16 @@ def null_condition(
     if null_text is None:
         raise ValueError("text conditioning needs the empty-prompt features (module.null_text); none were set")
     return null_text.to(cond.device, cond.dtype).expand_as(cond)
+
+
+def drop_condition(
+    cond: torch.Tensor | None, null_cond, p_uncond: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """CFG training: each condition of the batch replaced by `null_cond(cond)` with probability `p_uncond`."""
+    if cond is None or p_uncond == 0.0:
+        return cond
+    drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p_uncond  # (B,)
+    return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null_cond(cond), cond)
 
 
 def guided_output(
