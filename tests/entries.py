@@ -55,6 +55,9 @@ def one_line_error(name: str, args: list[str], cwd: Path, monkeypatch, capfd) ->
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import (this process imported it already): offline as a fresh
+    # `python <script>.py` run with HF_HUB_OFFLINE=1 would be, without a network attempt that times out
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     GlobalHydra.instance().clear()
     capfd.readouterr()
