@@ -130,6 +130,7 @@ def bare_run(args: argparse.Namespace, model: str, batch: int, precision: str, c
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from latentdiff.data.order import generator_for
+    from latentdiff.samplers.cfg import drop_condition
     from latentdiff.train import build_module
 
     warmup, steps = steps_for(args, model)
@@ -156,8 +157,8 @@ def bare_run(args: argparse.Namespace, model: str, batch: int, precision: str, c
             batch_data = move_data_to_device(batch_data, args.device)
             with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 generator = generator_for(cfg.seed, 0, step, 0, device=args.device)
-                x0 = module.latents(batch_data, generator=generator)
-                cond = module.drop_cond(module.batch_cond(batch_data), generator)
+                x0 = module.autoencoder.model_input(batch_data, generator)
+                cond = drop_condition(module.batch_cond(batch_data), module.null_cond, module.p_uncond, generator)
                 loss, _ = module.diffusion.loss(module._train_forward, x0, cond, generator=generator)
             loss.backward()
             if clip:

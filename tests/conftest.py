@@ -15,11 +15,11 @@ from latentdiff.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one pytest-xdist worker per core:
-    # each worker (and the subprocesses it starts) computes with its share of the cores, not all of them
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    torch.set_num_threads(_threads)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one pytest-xdist worker per core: the
+    # subprocesses a worker starts compute with its share of the cores (in-process tests keep 2 threads, `_few_threads`:
+    # the numbers of tests/data/legacy were computed so)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.

@@ -65,8 +65,9 @@ def check_early(cfg: DictConfig, entry: str) -> None:
     values.pop("hydra", None)
     ordered = {k: values[k] for k in sorted(values, key=lambda k: {"data": 0, "model": 1}.get(k, 2))}
     for key, value in leaves(ordered):
-        if isinstance(value, str) and "${" in value:
-            if _RESOLVER.search(value):
+        text = str(value) if isinstance(value, (str, list)) else ""
+        if "${" in text:
+            if _computed(text, values):
                 continue
             try:
                 node = OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -77,6 +78,20 @@ def check_early(cfg: DictConfig, entry: str) -> None:
 
 
 _RESOLVER = re.compile(r"\$\{[\w.]+:")  # `${name:...}`: a resolver call, not a reference to another key
+_REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # `${a.b}`: a reference to another key
+
+
+def _computed(text: str, values: Mapping[str, Any], depth: int = 0) -> bool:
+    """Whether `text` calls a resolver, or refers (through any chain of references) to a value that does."""
+    if _RESOLVER.search(text) or depth > 20:
+        return True
+    for reference in _REFERENCE.findall(text):
+        node: Any = values
+        for part in reference.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, (str, list)) and "${" in str(node) and _computed(str(node), values, depth + 1):
+            return True
+    return False
 
 
 def _check_leaves(values: Mapping[str, Any], entry: str, groups: bool) -> None:

@@ -165,3 +165,18 @@ def test_latent_presets_shape_the_backbones():
     assert (cfg.model.clip_dim, cfg.model.num_clip_token, cfg.data.num_classes) == (768, 77, 0)
     cfg = resolved("train", ["data=coco256_latents", "vae=sd_ema", "model=unet_cond"])
     assert cfg.model.cross_attention_dim == 768
+
+
+def test_the_early_check_resolves_references_and_leaves_computed_values_to_the_job(compose_cfg):
+    from latentdiff.validation import check_early
+
+    # lists holding references are resolved before their rule is read: valid commands are not refused
+    check_early(compose_cfg(["sampler.guidance_interval=[0,${diffusion.scheduler.num_train_timesteps}]"]), "train")
+    check_early(compose_cfg(["optim.betas=[0.9,${optim.weight_decay}]"]), "train")
+    with pytest.raises(ConfigError, match=r"^optim.betas=\[0.9, 2.0\] must be a pair"):
+        check_early(compose_cfg(["optim.betas=[0.9,${optim.weight_decay}]", "optim.weight_decay=2.0"]), "train")
+    # data.latent_size is computed by a resolver (ld.div): neither it nor model.img_size, which refers to it, is
+    # checked early; the job names data.latent_size, the key computed
+    check_early(compose_cfg(["vae.downsample_factor=64"]), "train")
+    with pytest.raises(ConfigError, match=r"^data.image_size=-32 must be a positive integer"):
+        check_early(compose_cfg(["data.image_size=-32"]), "train")  # the data's own key, before the model's
