@@ -15,11 +15,13 @@ from latentdiff.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one pytest-xdist worker per core: the
-    # subprocesses a worker starts compute with its share of the cores (in-process tests keep 2 threads, `_few_threads`:
-    # the numbers of tests/data/legacy were computed so)
+# Threads of torch in a test and in the subprocesses it starts: 2 (tests/data/legacy was computed so, within its
+# tolerances), or a pytest-xdist worker's share of the cores (`make test` runs one worker per core).
+THREADS = 2
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    THREADS = max(1, min(2, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores.
@@ -92,5 +94,5 @@ def default_timeout(items: list[pytest.Item], folder: Path, seconds: int) -> Non
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
