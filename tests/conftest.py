@@ -14,6 +14,8 @@ from omegaconf import DictConfig, open_dict
 from latentdiff.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+# the shapes judge (latentdiff.judge) is trained once for the tests of this checkout and shared by the workers
+os.environ.setdefault("LATENTDIFF_CACHE", str(ROOT / "outputs" / "test-cache"))
 
 # Threads of torch in a test and in the subprocesses it starts: 2 (tests/data/legacy was computed so, within its
 # tolerances), or a pytest-xdist worker's share of the cores (`make test` runs one worker per core).

@@ -40,6 +40,22 @@ class _RunCSVWriter(ExperimentWriter):
                 self.metrics_keys = list(reader.fieldnames or [])
                 self.rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < keep_before_step]
 
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        """Lightning's record, merged into the row of its step: the learning rate (logged before the step's batch)
+        and the losses, throughput and previews of one step share one row."""
+        pending = len(self.metrics)
+        super().log_metrics(metrics_dict, step)
+        if len(self.metrics) != pending + 1 or not (self.metrics[:-1] or self.rows):
+            return
+        new = self.metrics.pop()
+        last = self.metrics[-1] if self.metrics else self.rows[-1]
+        if str(last.get("step")) == str(new["step"]):
+            last.update({k: v for k, v in new.items() if v is not None})
+            if not self.metrics:  # the row was saved already: the next save rewrites the file with it
+                self.metrics.append(self.rows.pop())
+        else:
+            self.metrics.append(new)
+
     def save(self) -> None:
         if not self.metrics:
             return

@@ -53,8 +53,12 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
     axes = list(rows[0].swept) if rows else []
     header = ["run", *axes, "model", "params (M)", "GFLOPs", "img/s", "step"]
     header += ["train loss", "val loss", "val loss (EMA)", "FID", "FID setup"]
+    judged = any(r.shape_acc is not None for r in rows)  # the shapes judge's columns, on the built-in data
+    if judged:
+        header += ["shape acc", "FD-shapes", "FD-shapes floor", "shapes setup"]
     cells = []
     for r in rows:
+        shapes = [_fmt(r.shape_acc, 3), _fmt(r.fd_shapes, 2), _fmt(r.fd_shapes_floor, 2), r.shapes_setup]
         cells.append(
             [
                 r.run,
@@ -69,6 +73,7 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
                 _fmt(r.val_loss_ema, 4),
                 _fmt(r.fid, 2),
                 r.fid_setup,
+                *(shapes if judged else []),
             ]
         )
     return header, cells
@@ -88,6 +93,11 @@ def _markdown(header: list[str], cells: list[list[str]], dirs: list[Path]) -> st
         "img/s: training images per second over all ranks (median of the logged windows).",
         "train loss: mean of the last 10% of logged steps; val loss: the last held-out value.",
     ]
+    if "shape acc" in header:
+        lines.append(
+            "shape acc, FD-shapes: the built-in shapes judge (latentdiff.judge): the fraction of samples of the "
+            "class asked for, and the Frechet distance of its features to real shapes (floor: real vs real)."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,10 @@ class RunRow:
     val_loss_ema: float | None
     fid: float | None
     fid_setup: str
+    shape_acc: float | None = None  # the shapes judge's scores (`latentdiff.judge`), on the built-in data
+    fd_shapes: float | None = None
+    fd_shapes_floor: float | None = None
+    shapes_setup: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
     @property
@@ -140,6 +144,27 @@ def _fid(run: Path, rows: list[dict[str, str]]) -> tuple[float | None, str]:
     return None, ""
 
 
+def _shapes(run: Path, rows: list[dict[str, str]]) -> tuple[dict[str, float | None], str]:
+    """The judge's scores of the run: evaluate.py's newest metrics.json with them, else the sample grid's last."""
+    keys = ("shape_acc", "fd_shapes", "fd_shapes_floor")
+    records = []
+    for path in run.rglob("metrics.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        values = record.get("metrics") or {}
+        if values.get("shape_acc") is not None:
+            records.append((path.stat().st_mtime, values, record.get("provenance") or {}))
+    if records:
+        _, values, prov = max(records, key=lambda r: r[0])
+        return {k: values.get(k) for k in keys}, f"evaluate.py, {prov.get('num_samples', '?')} samples"
+    found = {k: _last(rows, f"val/{k}") for k in keys}
+    if found["shape_acc"] is None:
+        return dict.fromkeys(keys), ""
+    return {k: v[1] if v else None for k, v in found.items()}, "sample grid (training callback, EMA)"
+
+
 def _swept(runs: list[Path], configs: list[dict]) -> list[dict[str, str]]:
     """Per run: the override keys whose values differ between runs (the sweep's axes), in command order."""
     parsed = []
@@ -191,6 +216,7 @@ def read_runs(dirs: list[Path]) -> list[RunRow]:
         steps = [int(float(r["step"])) for r in metrics if r.get("step")]
         val, val_ema = _last(metrics, "val/loss"), _last(metrics, "val/loss_ema")
         fid, setup = _fid(run, metrics)
+        shapes, shapes_setup = _shapes(run, metrics)
         curve = _series(metrics, "val/loss_ema") or _series(metrics, "val/loss")
         rows.append(
             RunRow(
@@ -207,6 +233,8 @@ def read_runs(dirs: list[Path]) -> list[RunRow]:
                 val_loss_ema=val_ema[1] if val_ema else None,
                 fid=fid,
                 fid_setup=setup,
+                **shapes,
+                shapes_setup=shapes_setup,
                 curve=curve,
             )
         )

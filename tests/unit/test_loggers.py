@@ -16,3 +16,23 @@ def test_wandb_chooses_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_logged_in()
     with pytest.raises(ValueError, match="logger.wandb.mode='cloud' is not supported"):
         wandb_logger(mode="cloud")
+
+
+def test_metrics_csv_writes_one_row_per_step(tmp_path):
+    import csv
+
+    from latentdiff.loggers import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=str(tmp_path), name="", version="")
+    logger.log_metrics({"lr-AdamW": 1e-4}, step=9)  # the learning rate, logged before the step's batch
+    logger.log_metrics({"train/loss": 0.5, "epoch": 0}, step=9)
+    logger.save()
+    logger.log_metrics({"val/shape_acc": 0.75}, step=9)  # after the row was written
+    logger.log_metrics({"lr-AdamW": 2e-4}, step=19)
+    logger.log_metrics({"train/loss": 0.4, "epoch": 0}, step=19)
+    logger.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["9", "19"]
+    assert rows[0]["lr-AdamW"] and rows[0]["train/loss"] == "0.5" and rows[0]["val/shape_acc"] == "0.75"
+    assert rows[1]["train/loss"] == "0.4" and not rows[1]["val/shape_acc"]

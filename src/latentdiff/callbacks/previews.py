@@ -59,9 +59,11 @@ class SamplingCallback(L.Callback):
 class SampleGrid(SamplingCallback):
     """Every `every_n_steps` optimizer steps (and at the end), sample a grid with the EMA backbone.
 
-    Rows are classes (class-conditional data) and columns are samples; unconditional runs give a square
-    grid. The start noise is the same at every step, so successive grids show the same "seeds" learning.
-    Files: `<dirpath>/step_0001000.png`; the image is also sent to TensorBoard / wandb when they log.
+    Rows are classes (class-conditional data), each labelled with its name (`class_names` of the datamodule)
+    or id, and columns are samples; unconditional runs give a square grid. The start noise is the same at every
+    step, so successive grids show the same "seeds" learning. Files: `<dirpath>/step_0001000.png`; the image is
+    also sent to TensorBoard / wandb when they log. On the built-in shapes the judge (`latentdiff.judge`) scores
+    the grid's samples: `val/shape_acc`, `val/fd_shapes` and its floor `val/fd_shapes_floor`, logged at the step.
 
     Args:
         dirpath: folder of the PNG files.
@@ -76,6 +78,7 @@ class SampleGrid(SamplingCallback):
         num_samples: size of an unconditional grid.
         max_classes: at most this many class rows (ImageNet has 1000 classes); classes are evenly spaced.
         seed: the sampling seed (the start noise of grid image i is that of `sample.py`'s sample i).
+        judge: score the grid with the shapes judge on shapes runs (class-conditional `data=shapes`).
 
     The ranges of the arguments are checked with the run config (`latentdiff.rules`, `callbacks.sample_grid.*`).
     """
@@ -93,6 +96,7 @@ class SampleGrid(SamplingCallback):
         num_samples: int = 64,
         max_classes: int = 10,
         seed: int = 0,
+        judge: bool = True,
     ):
         self.dirpath = Path(dirpath)
         self.scheduler_partial = scheduler
@@ -104,15 +108,25 @@ class SampleGrid(SamplingCallback):
             num_samples,
             max_classes,
         )
-        self.seed = seed
+        self.seed, self.judge = seed, bool(judge)
         self._last_step = -1
         self.prompts: tuple[torch.Tensor, list[str]] | None = None  # text runs: (N, L, D) features, captions
+        self.class_names: tuple[str, ...] | None = None
+        self._judge = None  # the shapes judge, on shapes runs
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         """Text runs sample the datamodule's held-out captions (`prompts(n)`), the same ones at every step."""
+        from latentdiff.data.shapes import ShapesDataModule
+
         datamodule = getattr(trainer, "datamodule", None)
         if getattr(pl_module, "null_text", None) is not None and hasattr(datamodule, "prompts"):
             self.prompts = datamodule.prompts(self.num_samples)
+        self.class_names = getattr(datamodule, "class_names", None)
+        shapes = isinstance(datamodule, ShapesDataModule) and pl_module.num_classes > 0
+        if self.judge and shapes and trainer.is_global_zero:
+            from latentdiff.judge import load_judge
+
+            self._judge = load_judge(datamodule.image_size)  # trained once per machine (~30 s), then read
 
     def _conditions(self, pl_module) -> tuple[torch.Tensor | None, int]:
         """(B,) class ids laid out row by row, or (B, L, D) text features; and the number of columns."""
@@ -128,14 +142,24 @@ class SampleGrid(SamplingCallback):
         return None, max(1, round(math.sqrt(self.num_samples)))
 
     @torch.no_grad()
-    def make_grid(self, pl_module: L.LightningModule) -> torch.Tensor:
-        """Sample and decode the grid; returns a (3, H, W) float image in [0, 1]."""
+    def make_grid(self, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sample and decode the grid: (the (3, H, W) float image in [0, 1], the samples (B, H, W, 3) uint8, their
+        class ids (B,) or None)."""
         cond, ncol = self._conditions(pl_module)
         count = len(cond) if cond is not None else self.num_samples
-        images = (
-            self.sampler(pl_module).images(list(range(count)), cond).permute(0, 3, 1, 2).float() / 255
-        )  # (B, 3, H, W)
-        return torchvision.utils.make_grid(images, nrow=ncol, padding=2, pad_value=1.0)
+        samples = self.sampler(pl_module).images(list(range(count)), cond)  # (B, H, W, 3) uint8
+        grid = torchvision.utils.make_grid(
+            samples.permute(0, 3, 1, 2).float() / 255, nrow=ncol, padding=2, pad_value=1.0
+        )
+        labels = cond if cond is not None and not cond.is_floating_point() else None
+        if labels is not None:
+            rows = labels[::ncol].tolist()
+            grid = label_rows(grid, [self._name(c) for c in rows])
+        return grid, samples, labels
+
+    def _name(self, class_id: int) -> str:
+        names = self.class_names
+        return names[class_id] if names is not None and class_id < len(names) else f"class {class_id}"
 
     def _save(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
@@ -144,9 +168,11 @@ class SampleGrid(SamplingCallback):
             return
         self._last_step = step
         with self.evaluating(pl_module):
-            grid = self.make_grid(pl_module)
+            grid, samples, labels = self.make_grid(pl_module)
         if not trainer.is_global_zero:
             return
+        if self._judge is not None and labels is not None:
+            self._log_scores(trainer, samples, labels)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, self.dirpath / f"step_{step:07d}.png")
         if self.prompts is not None:  # the captions of the grid, row by row
@@ -157,12 +183,38 @@ class SampleGrid(SamplingCallback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image("samples/grid", [grid], step=step)
 
+    def _log_scores(self, trainer: L.Trainer, samples: torch.Tensor, labels: torch.Tensor) -> None:
+        from latentdiff.judge import judge_samples
+
+        scores = {f"val/{k}": v for k, v in judge_samples(samples.cpu(), labels.cpu(), self._judge).items()}
+        for name, value in scores.items():
+            set_callback_metric(trainer, name, torch.tensor(value))  # the run's summary, monitors
+        for logger in trainer.loggers:  # on the row of this optimizer step's loss (Lightning counts from 0)
+            logger.log_metrics(scores, step=max(trainer.global_step - 1, 0))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module)
+
+
+def label_rows(grid: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """`grid` (3, H, W) in [0, 1] of len(names) equal rows, with each row's name written in a white margin on the
+    left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    _, height, width = grid.shape
+    row = height / max(len(names), 1)
+    font = ImageFont.load_default(size=max(8, min(14, int(row * 0.4))))
+    margin = int(max(font.getlength(n) for n in names)) + 8 if names else 0
+    canvas = Image.new("RGB", (width + margin, height), "white")
+    canvas.paste(torchvision.transforms.functional.to_pil_image(grid.clamp(0, 1)), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(names):
+        draw.text((margin - 4, (i + 0.5) * row), name, fill="black", font=font, anchor="rm")
+    return torchvision.transforms.functional.pil_to_tensor(canvas).float() / 255
 
 
 def metric_name(num_samples: int) -> str:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from latentdiff.data.order import split_item, train_loader
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+RENDER_VERSION = 1  # raise it when `render_shapes` draws differently: the shapes judge's cache is keyed by it
 _SUPERSAMPLE = 3
 
 
@@ -180,6 +181,11 @@ class ShapesDataModule(L.LightningDataModule):
         self.latent_size, self.latent_channels = latent_size, latent_channels
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The name of each class id (the sample grid labels its rows with them)."""
+        return SHAPE_NAMES[: self.num_classes]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
