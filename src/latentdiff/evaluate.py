@@ -105,7 +105,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if labels is not None:
         from latentdiff.judge import JUDGE_SEED, cache_file, judge_samples
 
-        values.update(judge_samples(np.concatenate(list(samples.batches(limit=n))), labels))
+        with user_errors():  # too few samples, or ids that do not match them: one line
+            if n < 2 or len(labels) != n:
+                raise ConfigError(
+                    f"metrics=[shapes] needs at least 2 samples, each with a class id in arr_1 of "
+                    f"samples={cfg.samples}; got {n} images and {len(labels)} ids"
+                )
+            values.update(judge_samples(np.concatenate(list(samples.batches(limit=n))), labels))
         judge = {"seed": JUDGE_SEED, "weights": str(cache_file(samples.image_shape[0], JUDGE_SEED))}
     values = {k: v if math.isfinite(v) else None for k, v in values.items()}  # strict JSON: no NaN
     record = {"metrics": values, "provenance": _provenance(cfg, n, inception, reference, options)}

@@ -31,6 +31,7 @@ JUDGE_SEED = 1_000_003  # the judge's training images; its held-out and real ref
 TRAIN_IMAGES, TEST_IMAGES, STEPS, BATCH = 8_000, 3_000, 400, 64
 FEATURES = 64  # the penultimate width: the features FD-shapes compares
 MIN_ACCURACY = 0.995
+JUDGE_VERSION = 1  # raise it when the network or its training changes: the cache file is keyed by it
 
 
 class ShapesJudge(nn.Module):
@@ -90,7 +91,8 @@ def cache_file(image_size: int, seed: int = JUDGE_SEED) -> Path:
     root = os.environ.get("LATENTDIFF_CACHE")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentdiff"
-    return Path(root) / "judge" / f"shapes-render{RENDER_VERSION}-seed{seed}-{image_size}px.pt"
+    name = f"shapes-v{JUDGE_VERSION}-render{RENDER_VERSION}-seed{seed}-{image_size}px.pt"
+    return Path(root) / "judge" / name
 
 
 def load_judge(image_size: int = 32, seed: int = JUDGE_SEED) -> ShapesJudge:
@@ -117,7 +119,7 @@ def train_judge(image_size: int = 32, seed: int = JUDGE_SEED) -> tuple[ShapesJud
     classes = len(SHAPE_NAMES)
     images, labels = render_shapes(TRAIN_IMAGES, image_size, classes, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = ShapesJudge(image_size)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=1e-4)

@@ -48,13 +48,16 @@ class _RunCSVWriter(ExperimentWriter):
         if len(self.metrics) != pending + 1 or not (self.metrics[:-1] or self.rows):
             return
         new = self.metrics.pop()
-        last = self.metrics[-1] if self.metrics else self.rows[-1]
-        if str(last.get("step")) == str(new["step"]):
-            last.update({k: v for k, v in new.items() if v is not None})
-            if not self.metrics:  # the row was saved already: the next save rewrites the file with it
-                self.metrics.append(self.rows.pop())
-        else:
+        recent = self.metrics[::-1] + self.rows[:-9:-1]  # the rows a record of a recent step can belong to
+        row = next((r for r in recent if str(r.get("step")) == str(new["step"])), None)
+        if row is None:
             self.metrics.append(new)
+            return
+        row.update({k: v for k, v in new.items() if v is not None})
+        if not any(r is row for r in self.metrics):  # the row was saved already: the next save rewrites the file
+            self.rows.remove(row)
+            self.metrics.append(row)
+            self.metrics.sort(key=lambda r: float(r.get("step") or 0))
 
     def save(self) -> None:
         if not self.metrics:

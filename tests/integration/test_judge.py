@@ -37,11 +37,17 @@ def test_the_judge_is_accurate_on_held_out_shapes_and_cached(judge):
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
-def test_the_same_seed_trains_the_same_judge(judge):
-    trained, _ = train_judge(32, JUDGE_SEED)
-    assert all(
-        torch.equal(a, b) for a, b in zip(judge.state_dict().values(), trained.state_dict().values(), strict=True)
-    )
+def test_the_same_seed_trains_the_same_judge(monkeypatch):
+    import latentdiff.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "STEPS", 20)  # a short training: the same seed twice, the same weights
+    monkeypatch.setattr(judge_module, "TRAIN_IMAGES", 600)
+    monkeypatch.setattr(judge_module, "MIN_ACCURACY", 0.0)
+    (a, _), (b, _) = train_judge(32, JUDGE_SEED), train_judge(32, JUDGE_SEED)
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    (c, _) = train_judge(32, JUDGE_SEED + 10)
+    assert not torch.equal(a.head.weight, c.head.weight)
 
 
 def test_real_shapes_score_high_and_near_the_floor(judge):

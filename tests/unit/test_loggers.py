@@ -36,3 +36,29 @@ def test_metrics_csv_writes_one_row_per_step(tmp_path):
     assert [r["step"] for r in rows] == ["9", "19"]
     assert rows[0]["lr-AdamW"] and rows[0]["train/loss"] == "0.5" and rows[0]["val/shape_acc"] == "0.75"
     assert rows[1]["train/loss"] == "0.4" and not rows[1]["val/shape_acc"]
+
+
+def test_a_record_one_step_ahead_does_not_split_the_rows(tmp_path):
+    import csv
+
+    from latentdiff.loggers import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=str(tmp_path), name="", version="")
+    # Lightning's order with the FID callback, which logs at global_step (one ahead of the step's loss)
+    for metrics, step in (
+        ({"lr": 1.0}, 0),
+        ({"train/loss": 0.9}, 0),
+        ({"lr": 1.0}, 1),
+        ({"val/shape_acc": 0.5}, 1),
+        ({"val/fid_8": 30.0}, 2),
+        ({"train/loss": 0.8}, 1),
+        ({"lr": 1.0}, 2),
+        ({"train/loss": 0.7}, 2),
+    ):
+        logger.log_metrics(metrics, step=step)
+    logger.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert rows[1]["train/loss"] == "0.8" and rows[1]["val/shape_acc"] == "0.5"
+    assert rows[2]["val/fid_8"] == "30.0" and rows[2]["train/loss"] == "0.7"

@@ -6,6 +6,7 @@ Both sample as `sample.py` does (the run's sampler, per-index seeds), through on
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from latentdiff.lightning_internals import set_callback_metric
 from latentdiff.strategies import shards_parameters
+
+log = logging.getLogger(__name__)
 
 
 class SamplingCallback(L.Callback):
@@ -126,7 +129,10 @@ class SampleGrid(SamplingCallback):
         if self.judge and shapes and trainer.is_global_zero:
             from latentdiff.judge import load_judge
 
-            self._judge = load_judge(datamodule.image_size)  # trained once per machine (~30 s), then read
+            try:
+                self._judge = load_judge(datamodule.image_size)  # trained once per machine (~40 s), then read
+            except (RuntimeError, OSError) as err:  # e.g. shapes too small to tell apart: train without scores
+                log.warning("the shapes judge is off for this run: %s", err)
 
     def _conditions(self, pl_module) -> tuple[torch.Tensor | None, int]:
         """(B,) class ids laid out row by row, or (B, L, D) text features; and the number of columns."""
@@ -171,7 +177,7 @@ class SampleGrid(SamplingCallback):
             grid, samples, labels = self.make_grid(pl_module)
         if not trainer.is_global_zero:
             return
-        if self._judge is not None and labels is not None:
+        if self._judge is not None and labels is not None and len(labels) >= 2:
             self._log_scores(trainer, samples, labels)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, self.dirpath / f"step_{step:07d}.png")
