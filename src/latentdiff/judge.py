@@ -97,14 +97,18 @@ def cache_file(image_size: int, seed: int = JUDGE_SEED) -> Path:
 
 def load_judge(image_size: int = 32, seed: int = JUDGE_SEED) -> ShapesJudge:
     """The judge of `image_size` shapes: read from its cache file, or trained (and cached) when there is none."""
+    import fcntl
+
     path = cache_file(image_size, seed)
-    if path.is_file():
-        judge = ShapesJudge(image_size)
-        judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["weights"])
-        return judge.eval()
-    judge, accuracy = train_judge(image_size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_torch({"weights": judge.state_dict(), "accuracy": accuracy, "seed": seed}, path)
+    with open(path.with_suffix(".lock"), "w") as lock:  # processes that start together train it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            judge = ShapesJudge(image_size)
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["weights"])
+            return judge.eval()
+        judge, accuracy = train_judge(image_size, seed)
+        save_torch({"weights": judge.state_dict(), "accuracy": accuracy, "seed": seed}, path)
     log.info("shapes judge trained: %.2f%% held-out accuracy, cached at %s", 100 * accuracy, path)
     return judge
 
