@@ -113,19 +113,26 @@ def _overrides(run: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
-def _fid(run: Path, rows: list[dict[str, str]]) -> tuple[float | None, str]:
-    """The run's FID and how it was measured: evaluate.py's newest metrics.json, else the FID callback's."""
+def _newest_record(run: Path, metric: str) -> tuple[dict, dict] | None:
+    """(metrics, provenance) of evaluate.py's newest metrics.json under `run` that holds `metric`."""
     records = []
     for path in run.rglob("metrics.json"):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        fid = (record.get("metrics") or {}).get("fid")
-        if fid is not None:
-            records.append((path.stat().st_mtime, fid, record.get("provenance") or {}))
-    if records:
-        _, fid, prov = max(records, key=lambda r: r[0])
+        values = record.get("metrics") or {}
+        if values.get(metric) is not None:
+            records.append((path.stat().st_mtime, values, record.get("provenance") or {}))
+    return max(records, key=lambda r: r[0])[1:] if records else None
+
+
+def _fid(run: Path, rows: list[dict[str, str]]) -> tuple[float | None, str]:
+    """The run's FID and how it was measured: evaluate.py's newest metrics.json, else the FID callback's."""
+    newest = _newest_record(run, "fid")
+    if newest is not None:
+        values, prov = newest
+        fid = values["fid"]
         sampler = prov.get("sampler") or {}
         setup = f"FID-{prov.get('num_samples', '?')}"
         if isinstance(sampler, dict) and sampler:
@@ -147,17 +154,9 @@ def _fid(run: Path, rows: list[dict[str, str]]) -> tuple[float | None, str]:
 def _shapes(run: Path, rows: list[dict[str, str]]) -> tuple[dict[str, float | None], str]:
     """The judge's scores of the run: evaluate.py's newest metrics.json with them, else the sample grid's last."""
     keys = ("shape_acc", "fd_shapes", "fd_shapes_floor")
-    records = []
-    for path in run.rglob("metrics.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        values = record.get("metrics") or {}
-        if values.get("shape_acc") is not None:
-            records.append((path.stat().st_mtime, values, record.get("provenance") or {}))
-    if records:
-        _, values, prov = max(records, key=lambda r: r[0])
+    newest = _newest_record(run, "shape_acc")
+    if newest is not None:
+        values, prov = newest
         return {k: values.get(k) for k in keys}, f"evaluate.py, {prov.get('num_samples', '?')} samples"
     found = {k: _last(rows, f"val/{k}") for k in keys}
     if found["shape_acc"] is None:
