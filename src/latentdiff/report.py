@@ -14,7 +14,12 @@ Each run directory (one holding `config.yaml`) gives a row:
 - the final step and losses: the last `val/loss`, `val/loss_ema` and the mean train loss of the last 10% of
   the logged steps;
 - FID: the newest `metrics.json` of `evaluate.py` under the run directory (with its number of samples, steps and
-  guidance), else the last `val/fid_*` logged by `callbacks=fid`.
+  guidance), else the last `val/fid_*` logged by `callbacks=fid`;
+- shape acc and FD-shapes on the built-in data: the newest `evaluate.py metrics=[shapes]`, else the sample grid's.
+
+A sweep repeated over seeds (`seed=0,1` on the sweep's command line) also gets a second table, one row per
+setting with the mean and the min-max over its seeds (`latentdiff.sweep_seeds`), in report.md and `by_setting.csv`,
+and its plot `by_setting.png`.
 
 Writes `<out>/report.md`, `report.csv`, `report.json`, and plots `loss_vs_gflops.png`, `loss_vs_params.png`,
 `val_loss_curves.png`, plus `fid_vs_gflops.png` and `fid_vs_params.png` when runs have an FID. `out` defaults
@@ -29,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from latentdiff import sweep_seeds
 from latentdiff.errors import ConfigError
 from latentdiff.sweep_runs import RunRow, read_runs
 
@@ -41,6 +47,8 @@ _REPORT_FILES = {
     "fid_vs_gflops.png",
     "fid_vs_params.png",
     "val_loss_curves.png",
+    "by_setting.csv",
+    "by_setting.png",
 }
 
 
@@ -79,14 +87,17 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def _markdown(header: list[str], cells: list[list[str]], dirs: list[Path]) -> str:
-    lines = [
-        f"# Sweep report: {', '.join(str(d) for d in dirs)}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
+def _md_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
+
+
+def _markdown(
+    header: list[str], cells: list[list[str]], dirs: list[Path], settings: tuple[list[str], list[list[str]]] | None
+) -> str:
+    lines = [f"# Sweep report: {', '.join(str(d) for d in dirs)}", "", *_md_table(header, cells)]
+    if settings is not None:
+        lines += ["", "## By setting (mean over the seeds, min-max in brackets)", "", *_md_table(*settings)]
     lines += [
         "",
         "GFLOPs: forward multiply-accumulates per image (the U-ViT / DiT papers' count), torch's flop counter.",
@@ -150,6 +161,13 @@ def _curves(rows: list[RunRow], path: Path) -> bool:
     return True
 
 
+def _csv(path: Path, header: list[str], cells: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(cells)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file; give a directory for the report")
@@ -176,11 +194,10 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Any]:
     for name in _REPORT_FILES:  # a report replaces an earlier one whole (no stale FID plot)
         (out / name).unlink(missing_ok=True)
     files = []
-    (out / "report.md").write_text(_markdown(header, cells, dirs))
-    with open(out / "report.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(cells)
+    groups = sweep_seeds.by_setting(rows) if sweep_seeds.is_seeded(rows) else None
+    settings = sweep_seeds.table(groups) if groups else None
+    (out / "report.md").write_text(_markdown(header, cells, dirs, settings))
+    _csv(out / "report.csv", header, cells)
     records = [{**{k: v for k, v in asdict(r).items() if k != "curve"}, "final_loss": r.final_loss} for r in rows]
     (out / "report.json").write_text(json.dumps(records, indent=1) + "\n")
     files += [out / "report.md", out / "report.csv", out / "report.json"]
@@ -195,6 +212,11 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Any]:
             files.append(out / name)
     if _curves(rows, out / "val_loss_curves.png"):
         files.append(out / "val_loss_curves.png")
+    if groups:
+        _csv(out / "by_setting.csv", *settings)
+        files.append(out / "by_setting.csv")
+        if sweep_seeds.plot(groups, out / "by_setting.png"):
+            files.append(out / "by_setting.png")
     return {"rows": records, "files": [str(f) for f in files], "markdown": (out / "report.md").read_text()}
 
 

@@ -54,7 +54,7 @@ class RunRow:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.swept.items()) or self.run
+        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.swept.items() if v != "") or self.run
 
 
 # -------------------------------------------------------------------------------------------- reading

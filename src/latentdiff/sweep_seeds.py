@@ -1,0 +1,134 @@
+"""The runs of a sweep grouped by setting over their seeds: an ablation repeated with `seed=0,1` gives one row per
+setting with the mean of each number and its spread (min and max over the seeds).
+
+A run's setting is its swept values except `seed` (`latentdiff.sweep_runs.RunRow.swept`). `latentdiff.report`
+writes these rows as the second table of report.md and plots them (`by_setting.png`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from latentdiff.sweep_runs import RunRow
+
+SEED_KEYS = ("seed",)  # the swept keys that repeat a setting instead of changing it
+# the numbers averaged over seeds: RunRow attribute -> how a person reads it (lower or higher is better)
+AVERAGED = {
+    "shape_acc": "higher",
+    "fd_shapes": "lower",
+    "final_loss": "lower",
+    "fid": "lower",
+    "img_per_s": "higher",
+}
+
+
+@dataclass
+class Spread:
+    """Mean, min and max of one number over the seeds of a setting (the values themselves, in seed order)."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    def text(self, digits: int) -> str:
+        if len(self.values) == 1:
+            return f"{self.values[0]:.{digits}f}"
+        return f"{self.mean:.{digits}f} ({min(self.values):.{digits}f}-{max(self.values):.{digits}f})"
+
+
+@dataclass
+class SettingRow:
+    """One setting: its swept values (seed left out), the seeds it ran with and the spread of each number."""
+
+    setting: dict[str, str]
+    seeds: list[str]
+    runs: list[str]
+    numbers: dict[str, Spread] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.setting.items() if v != "") or "(base)"
+
+
+def is_seeded(rows: list[RunRow]) -> bool:
+    """Whether the sweep repeats settings over seeds (a swept `seed` and some setting run more than once)."""
+    if not any(k in SEED_KEYS for r in rows for k in r.swept):
+        return False
+    return any(len(g.seeds) > 1 for g in by_setting(rows))
+
+
+def by_setting(rows: list[RunRow]) -> list[SettingRow]:
+    """Group the runs by their swept values other than the seed, in the order the settings first appear."""
+    groups: dict[tuple[tuple[str, str], ...], SettingRow] = {}
+    for r in rows:
+        setting = {k: v for k, v in r.swept.items() if k not in SEED_KEYS}
+        key = tuple(setting.items())
+        group = groups.setdefault(key, SettingRow(setting=setting, seeds=[], runs=[]))
+        group.seeds.append(next((r.swept[k] for k in SEED_KEYS if k in r.swept), ""))
+        group.runs.append(r.path)
+        for name in AVERAGED:
+            value = getattr(r, name)
+            if value is not None:
+                group.numbers.setdefault(name, Spread([])).values.append(float(value))
+    return list(groups.values())
+
+
+def table(groups: list[SettingRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the by-setting table; a column only where some setting has that number."""
+    columns = [
+        ("shape_acc", "shape acc", 3),
+        ("fd_shapes", "FD-shapes", 2),
+        ("final_loss", "val loss (EMA)", 4),
+        ("fid", "FID", 2),
+        ("img_per_s", "img/s", 1),
+    ]
+    shown = [c for c in columns if any(c[0] in g.numbers for g in groups)]
+    axes = list(groups[0].setting) if groups else []
+    header = [*axes, "seeds", *(f"{title} mean (min-max)" for _, title, _ in shown)]
+    cells = []
+    for g in groups:
+        numbers = [g.numbers[name].text(digits) if name in g.numbers else "" for name, _, digits in shown]
+        cells.append([*(g.setting.get(a, "") for a in axes), ",".join(g.seeds), *numbers])
+    return header, cells
+
+
+def plot(groups: list[SettingRow], path) -> bool:
+    """One panel per judged number (shape accuracy, FD-shapes; else the final loss): each seed a dot, the mean a
+    black tick, one row per setting. Returns False when there is nothing to plot."""
+    names = [n for n in ("shape_acc", "fd_shapes") if any(n in g.numbers for g in groups)] or ["final_loss"]
+    names = [n for n in names if any(n in g.numbers for g in groups)]
+    if not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {
+        "shape_acc": "shape accuracy (higher is better)",
+        "fd_shapes": "FD-shapes (lower is better)",
+        "final_loss": "held-out loss, EMA (lower is better)",
+    }
+    height = 1.2 + 0.32 * len(groups)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names) + 1.6, height), dpi=120, squeeze=False)
+    y = list(range(len(groups)))
+    for ax, name in zip(axes[0], names, strict=True):
+        for i, g in enumerate(groups):
+            spread = g.numbers.get(name)
+            if spread is None:
+                continue
+            ax.scatter(spread.values, [i] * len(spread.values), color="tab:blue", s=14, alpha=0.6, zorder=3)
+            ax.scatter([spread.mean], [i], color="black", marker="|", s=220, zorder=4)
+        ax.set_yticks(y, [g.label for g in groups] if ax is axes[0][0] else [""] * len(groups), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(titles[name], fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        if name == "fd_shapes":
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
