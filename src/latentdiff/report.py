@@ -97,7 +97,7 @@ def _markdown(
 ) -> str:
     lines = [f"# Sweep report: {', '.join(str(d) for d in dirs)}", "", *_md_table(header, cells)]
     if settings is not None:
-        lines += ["", "## By setting (mean over the seeds, min-max in brackets)", "", *_md_table(*settings)]
+        lines += ["", "## By setting (mean over the seeds, min-max in parentheses)", "", *_md_table(*settings)]
     lines += [
         "",
         "GFLOPs: forward multiply-accumulates per image (the U-ViT / DiT papers' count), torch's flop counter.",
@@ -213,7 +213,7 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Any]:
     if _curves(rows, out / "val_loss_curves.png"):
         files.append(out / "val_loss_curves.png")
     if groups:
-        _csv(out / "by_setting.csv", *settings)
+        _csv(out / "by_setting.csv", *sweep_seeds.numbers(groups))
         files.append(out / "by_setting.csv")
         if sweep_seeds.plot(groups, out / "by_setting.png"):
             files.append(out / "by_setting.png")

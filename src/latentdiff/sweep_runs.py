@@ -42,6 +42,7 @@ class RunRow:
     fd_shapes: float | None = None
     fd_shapes_floor: float | None = None
     shapes_setup: str = ""
+    seed: str = ""  # the run's `seed` (config.yaml): what a sweep repeated over seeds groups by
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
     @property
@@ -234,6 +235,7 @@ def read_runs(dirs: list[Path]) -> list[RunRow]:
                 fid_setup=setup,
                 **shapes,
                 shapes_setup=shapes_setup,
+                seed=str(config.get("seed", "")),
                 curve=curve,
             )
         )
