@@ -12,14 +12,24 @@ from omegaconf import OmegaConf
 
 from latentdiff.models.build import build_backbone
 
+from ..conftest import CONF_DIR
 from ..resolved_configs import (
     GOLDEN,
+    TRAIN_GROUPS,
+    combinations,
     compose_all,
     composer,
     first_difference,
+    key,
+    option_overrides,
     options,
     resolved,
     sweep_base,
+)
+
+# groups of conf/train.yaml (text_encoder belongs to conf/extract.yaml; sweep presets hold Hydra's sweeper settings)
+GROUPS = sorted(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "text_encoder", "sweep")
 )
 
 
@@ -55,3 +65,14 @@ def test_every_sweep_preset_composes_and_builds_each_job():
                     k, value = override.split("=", 1)
                     assert str(OmegaConf.select(job_cfg, k)) == value, (sweep, job)
                 assert sum(p.numel() for p in model.parameters()) > 0, (sweep, job)
+
+
+# composes every combination (about a minute; shares compose_all's cache with the golden-file test in this file)
+def test_every_option_composes_and_resolves():
+    assert set(TRAIN_GROUPS) == set(GROUPS), "a new group: add it to resolved_configs.TRAIN_GROUPS"
+    keys = {key(*run) for run in combinations()}
+    for group, option in [(g, o) for g in GROUPS for o in options(g)]:
+        run = option_overrides(group, option)
+        assert key(*run) in keys
+        container = compose_all()[key(*run)]  # every interpolation resolved
+        assert container[group if group != "experiment" else "name"] is not None, run
