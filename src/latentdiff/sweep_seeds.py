@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from latentdiff.sweep_runs import RunRow
 
 SEED_KEYS = ("seed",)  # the swept keys that repeat a setting instead of changing it
-# the numbers averaged over seeds: RunRow attribute -> how a person reads it (lower or higher is better)
-AVERAGED = {
-    "shape_acc": "higher",
-    "fd_shapes": "lower",
-    "val_loss_ema": "lower",
-    "fid": "lower",
-    "img_per_s": "higher",
-}
+COLUMNS = (  # the numbers averaged over seeds: RunRow attribute, title, digits
+    ("shape_acc", "shape acc", 3),
+    ("fd_shapes", "FD-shapes", 2),
+    ("val_loss_ema", "val loss (EMA)", 4),
+    ("fid", "FID", 2),
+    ("img_per_s", "img/s", 1),
+)
 
 
 @dataclass
@@ -57,7 +56,7 @@ class SettingRow:
 
 
 def is_seeded(rows: list[RunRow]) -> bool:
-    """Whether the sweep repeats settings over seeds (a swept `seed` and some setting run more than once)."""
+    """Whether the sweep repeats settings over seeds: some setting ran with more than one seed."""
     return any(len(set(g.seeds)) > 1 for g in by_setting(rows))
 
 
@@ -70,20 +69,11 @@ def by_setting(rows: list[RunRow]) -> list[SettingRow]:
         group = groups.setdefault(key, SettingRow(setting=setting, seeds=[], runs=[]))
         group.seeds.append(r.seed)
         group.runs.append(r.path)
-        for name in AVERAGED:
+        for name, _, _ in COLUMNS:
             value = getattr(r, name)
             if value is not None:
                 group.numbers.setdefault(name, Spread([])).values.append(float(value))
     return list(groups.values())
-
-
-COLUMNS = (  # RunRow attribute, title, digits
-    ("shape_acc", "shape acc", 3),
-    ("fd_shapes", "FD-shapes", 2),
-    ("val_loss_ema", "val loss (EMA)", 4),
-    ("fid", "FID", 2),
-    ("img_per_s", "img/s", 1),
-)
 
 
 def _shown(groups: list[SettingRow]) -> list[tuple[str, str, int]]:
