@@ -155,7 +155,6 @@ def _provenance(cfg: DictConfig, n: int, inception: Inception, reference, option
         provenance["samples_complete"] = meta.get("complete", False)
     provenance["reference"] = reference.provenance if reference is not None else None
     provenance["inception"] = inception.describe() if inception is not None else None
-
     provenance["fidelity_options"] = options
     provenance["versions"] = framework_versions()
     return provenance
