@@ -96,6 +96,10 @@ def object_overrides(group: str, option: str) -> list[str]:
         return [f"{group}={option}", "data.num_classes=0"]
     if group == "sampler" and option.startswith("flow"):
         return [f"{group}={option}", "diffusion=flow"]
+    if group == "sampler":  # the default objective is flow: a Gaussian sampler needs a Gaussian objective
+        return [f"{group}={option}", "diffusion=cosine_v"]
+    if group == "diffusion" and not option.startswith("flow"):  # and the reverse
+        return [f"{group}={option}", "sampler=dpm_solver"]
     return [f"{group}={option}"]
 
 

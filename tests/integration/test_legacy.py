@@ -50,7 +50,9 @@ def test_sample_py_on_a_legacy_checkpoint_makes_the_same_images(name, tmp_path):
 def test_a_legacy_run_directory_resumes_for_one_more_step(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "uvit_run", run)
-    result = run_training(compose_config([*EXPECTED["uvit_run"], "trainer.max_steps=3", f"resume={run}"], tmp_path))
+    then = ["diffusion=cosine_v", "diffusion.loss_weighting=none", "sampler=dpm_solver"]  # the quickstart of then
+    overrides = [*EXPECTED["uvit_run"], *then, "trainer.max_steps=3", f"resume={run}"]
+    result = run_training(compose_config(overrides, tmp_path))
     assert result["global_step"] == EXPECTED["resumed_step"] == 3
     assert math.isclose(result["metrics"]["train/loss"], EXPECTED["resumed_train_loss"], rel_tol=1e-5)
     state = torch.load(run / "last.ckpt", weights_only=True)["state_dict"]

@@ -102,7 +102,10 @@ def test_default_is_the_quickstart(compose_cfg):
     assert cfg.name == "quickstart"
     assert cfg.model._target_ == "latentdiff.models.uvit.UViT" and cfg.vae._target_.endswith("IdentityAutoencoder")
     fast = "bf16-mixed" if native_bf16() else "32-true"  # bf16 only where this machine computes it natively
-    assert cfg.trainer.precision == fast and cfg.diffusion.scheduler.prediction_type == "v_prediction"
+    assert cfg.trainer.precision == fast
+    assert cfg.diffusion._target_.endswith("FlowMatching") and cfg.diffusion.time_sampling == "logit_normal"
+    assert cfg.sampler.scheduler._target_ == "diffusers.FlowMatchEulerDiscreteScheduler.from_config"
+    assert (cfg.sampler.steps, cfg.sampler.guidance_scale) == (40, 5.0)
 
 
 VALIDATION_ERRORS = {
