@@ -4,7 +4,8 @@
 
 Sampling: `ImageSampler` (what sample.py, the FID callback and the grids use) on `unet_tiny` and on the
 quickstart's `uvit_tiny` (32x32 pixels, 4 classes; random weights: the same compute), fp32, CFG w = 2 (two
-halves in one batch), every sampler at 20 steps (Heun makes 2 evaluations per step), DDPM at 250.
+halves in one batch), every sampler at 20 steps (Heun makes 2 evaluations per step), DDPM at 250; the Gaussian
+samplers on `diffusion=cosine_v`, the flow samplers on the quickstart's `diffusion=flow_logit_normal`.
 Inception: this project's `Inception.features` on uint8 batches streamed from an npz, next to
 `torch_fidelity.calculate_metrics(isc=True)` on the same images as a folder of PNGs, same weights file
 (random weights in torch-fidelity's format: the real file cannot be downloaded here; the compute is the same).
@@ -29,14 +30,16 @@ sys.path.insert(0, str(ROOT))
 from tests.artefacts import make_inception_weights  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
-# (sampler, steps): the quickstart's 20 steps, except DDPM (its cost is linear in steps)
+# (sampler, steps, the objective it follows): 20 steps each, except DDPM (its cost is linear in steps)
 SAMPLERS = [
-    ("dpm_solver", None),
-    ("dpm_solver_uvit", None),
-    ("ddim", None),
-    ("euler", None),
-    ("heun", None),
-    ("ddpm", 250),
+    ("dpm_solver", 20, "cosine_v"),
+    ("dpm_solver_uvit", 20, "cosine_v"),
+    ("ddim", 20, "cosine_v"),
+    ("euler", 20, "cosine_v"),
+    ("heun", 20, "cosine_v"),
+    ("ddpm", 250, "cosine_v"),
+    ("flow_euler", 20, "flow_logit_normal"),
+    ("flow_heun", 20, "flow_logit_normal"),
 ]
 
 
@@ -48,14 +51,14 @@ def bench_sampling(batch: int) -> list[dict]:
     from latentdiff.train import build_module
 
     rows = []
-    for model, (name, steps) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
-        overrides = [f"sampler={name}", f"model={model}", "sampler.guidance_scale=2"]
-        cfg = compose_config(overrides + ([f"sampler.steps={steps}"] if steps is not None else []))
+    for model, (name, steps, objective) in [(m, s) for m in ("unet_tiny", "uvit_tiny") for s in SAMPLERS]:
+        overrides = [f"sampler={name}", f"diffusion={objective}", f"model={model}", "sampler.guidance_scale=2"]
+        cfg = compose_config([*overrides, f"sampler.steps={steps}"])
         module = build_module(cfg).eval()
         module.latent_shape = (3, 32, 32)
         steps = int(cfg.sampler.steps)
         sampler = module_sampler(module, instantiate(cfg.sampler.scheduler), steps, guidance_scale=2.0)
-        evaluations = sampler.steps * 2 - 1 if name == "heun" else sampler.steps
+        evaluations = sampler.steps * 2 - 1 if name.endswith("heun") else sampler.steps
         indices = list(range(batch))
         labels = class_labels(indices, 4, 0)
         sampler.images(indices[:4], labels[:4])  # warm-up

@@ -7,7 +7,8 @@
                                   real diffusers folder, `UNet2DModel.from_pretrained(out, subfolder="unet")`,
                                   `UVit2DModel.from_pretrained(out, subfolder="transformer")`; UVit2D's class
                                   tables are only in backbone.safetensors)
-      scheduler/                  the training noise schedule (`DDPMScheduler.from_pretrained(out, ...)`)
+      scheduler/                  the training noise schedule (`DDPMScheduler.from_pretrained(out, ...)`, or
+                                  `FlowMatchEulerDiscreteScheduler` for a flow run: scheduler_config.json names it)
 
 `model.pretrained=out/backbone.safetensors` or `model.pretrained=out` loads the weights into a run, a sample
 job or `load_exported(out)`; every way gives the outputs of the checkpoint's weights exactly.

@@ -126,7 +126,9 @@ def test_sweep_then_report_holds_every_runs_numbers(sweep, tmp_path):
             )
         else:
             assert row["FID"] == ""
-    assert fids["0"] == pytest.approx(0.0, abs=1e-3)  # a set against itself
+    # a set against itself: 16 images give a rank-15 covariance of 2048 features, whose matrix square root is
+    # exact to about 1e-3 (-0.0013 with the flow quickstart's samples); another set scores in the hundreds
+    assert fids["0"] == pytest.approx(0.0, abs=5e-3)
     # bigger models cost more: the table's ordering is the configs'
     gflops = [float(r["GFLOPs"]) for r in rows]
     assert gflops[0] < gflops[1] and gflops[0] < gflops[2] < gflops[3]
