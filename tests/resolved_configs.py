@@ -56,8 +56,9 @@ MODEL_DATA: dict[str, list[str]] = {
     "unet": LATENTS_256,
     "unet_cond": COCO_256,
     "uvit2d": ["data=latents", "data.num_classes=1000", "vae=vq_amused256", "diffusion=masked_tokens"],
+    **{f"dit_{size}{patch}": LATENTS_256 for size in ("s", "b", "l", "xl") for patch in (2, 4, 8)},
 }
-DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny")  # the quickstart's data fits
+DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny", "dit", "dit_tiny")  # the quickstart's data fits
 SWEEP_BASE = {"tiny": []}  # the runs a sweep preset's header starts; else experiment=cifar10_uvit_s2
 ENTRIES: dict[str, list[list[str]]] = {
     "sample": [[], ["model=uvit_l2"], ["model=uvit_s2_t2i", "data=coco256_latents"]],
@@ -96,6 +97,8 @@ def object_overrides(group: str, option: str) -> list[str]:
         return [f"{group}={option}", "data.num_classes=0"]
     if group == "sampler" and option.startswith("flow"):
         return [f"{group}={option}", "diffusion=flow"]
+    if group == "sampler" and option == "ddpm_learned":  # reads a learned variance: DiT's sampler
+        return [f"{group}={option}", "diffusion=linear", "model=dit_tiny", "model.learn_sigma=true"]
     if group == "sampler":  # the default objective is flow: a Gaussian sampler needs a Gaussian objective
         return [f"{group}={option}", "diffusion=cosine_v"]
     if group == "diffusion" and not option.startswith("flow"):  # and the reverse

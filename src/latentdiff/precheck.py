@@ -2,7 +2,7 @@
 after every entry's rule checks (`cli.hydra_entry` runs `validation.check_early`).
 
 A mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
-checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place), which need no torch. Other
+checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place; the DiT's: `models.dit_args`), which need no torch. Other
 backbones are checked by the job when it builds them. Then the run directory is checked and claimed
 (`rundir.check_location`).
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from latentdiff.errors import user_errors
+from latentdiff.models.dit_args import check_dit_args
 from latentdiff.models.uvit_args import check_uvit_args
 from latentdiff.renames import canonical_target
 from latentdiff.rundir import check_location
 
 # the torch-free argument checks of a backbone, by its `_target_`
-ARGUMENT_CHECKS = {"latentdiff.models.uvit.UViT": check_uvit_args}
+ARGUMENT_CHECKS = {"latentdiff.models.uvit.UViT": check_uvit_args, "latentdiff.models.dit.DiT": check_dit_args}
 
 
 def check_model(cfg: Any) -> None:

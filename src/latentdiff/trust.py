@@ -32,6 +32,7 @@ ALLOWED: dict[str, str] = {
     "latentdiff.models.unet.UNet": "class",
     "latentdiff.models.unet.UNetCond": "class",
     "latentdiff.models.uvit2d.UVit2D": "class",
+    "latentdiff.models.dit.DiT": "class",
     # frozen autoencoders (latentdiff.autoencoder)
     "latentdiff.autoencoder.IdentityAutoencoder": "class",
     "latentdiff.autoencoder.FrozenAutoencoderKL": "class",

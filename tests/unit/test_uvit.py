@@ -3,7 +3,7 @@
 Golden values (tests/data/uvit_reference.json) come from the official implementation
 (github.com/baofff/U-ViT, libs/uvit.py and libs/uvit_t2i.py at the commit named in the file's `_meta`),
 run outside this repository: for each case in the file, build the official `UViT(**args)`, load
-`deterministic_state_dict` (below) of its state-dict shapes with `strict=True`, and record the flattened
+`deterministic_state_dict` (`tests/helpers/reference.py`) of its state-dict shapes with `strict=True`, and record the flattened
 output for the inputs of `reference_inputs` (below), at t = [3.0, 977.5] and at t = [1.0, 1000.0]. The
 official parameter counts of the presets were computed the same way (official class, same arguments).
 """
@@ -11,7 +11,6 @@ official parameter counts of the presets were computed the same way (official cl
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -20,23 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from latentdiff.models.uvit import Block, UViT
 
 from ..conftest import CONF_DIR, ROOT
+from ..helpers.reference import deterministic_state_dict
 
 REFERENCE = json.loads((ROOT / "tests" / "data" / "uvit_reference.json").read_text())["cases"]
 CONF_MODEL = CONF_DIR / "model"
-
-
-def deterministic_state_dict(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Weights that depend on nothing but the key names and shapes (no init code of either model)."""
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for key in sorted(shapes):
-        w = torch.randn(shapes[key], generator=g, dtype=torch.float64)
-        if len(shapes[key]) >= 2:
-            w = w / math.prod(shapes[key][1:]) ** 0.5  # unit-variance activations: fan-in scaling
-        else:
-            w = 0.1 * w + (1.0 if "norm" in key and key.endswith("weight") else 0.0)
-        out[key] = w.float()
-    return out
 
 
 def reference_inputs(args: dict, text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

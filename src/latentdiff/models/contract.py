@@ -6,6 +6,8 @@ A backbone is a plain `nn.Module` (no Lightning, Hydra, autoencoder or schedule 
 - `forward(x, timesteps, cond=None)`: `x` is a noisy latent `(B, C, h, w)` float when `input_kind == "latents"`,
   or token ids `(B, h, w)` int64 when `input_kind == "tokens"`; `timesteps` `(B,)` or a scalar in the
   objective's units; the result is shaped like `x` (latents) or `(B, codebook, h, w)` logits (tokens).
+- `learns_variance`: the result has 2C channels, the prediction then Improved DDPM's variance values
+  (`objectives.variance`; DiT's `learn_sigma`).
 - `condition`: what `cond` is: "class" (class ids `(B,)`, `class_rows` rows in the table: the classes and the
   null class of classifier-free guidance, the last row), "text" (features `(B, L, D)`) or "none".
 - `dummy_cond(...)`: a zero condition of the right kind and shape (FLOP counting, shape checks).
@@ -36,6 +38,8 @@ class Backbone(nn.Module):
     input_kind: ClassVar[str] = "latents"  # "latents": float (B, C, h, w); "tokens": int64 ids (B, h, w)
     export_folder: ClassVar[str] = "transformer"
     condition: str = "none"  # "class" | "text" | "none"
+    learns_variance: bool = False  # forward returns 2C channels: the prediction, then the variance values v
+    # (Improved DDPM's interpolation between the two variance bounds, `objectives.variance`)
     class_rows: int = 0  # rows of the class table (classes + the null class); 0 without one
 
     def text_shape(self, text_len: int) -> tuple[int, int]:

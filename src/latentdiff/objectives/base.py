@@ -130,10 +130,20 @@ class DenoisingObjective(Objective):
         if eps is None:
             eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.noisy(x0, eps, t)  # (B, C, h, w)
-        pred = model(x_t, self.model_timesteps(t), cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
-        pred = pred[:, : x0.shape[1]]  # the mean part; a learned variance would need its own VLB term
+        out = model(x_t, self.model_timesteps(t), cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
+        pred = out[:, : x0.shape[1]]  # (B, C, h, w): the prediction of the target
         mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
-        return (self.loss_weight(t) * mse).mean(), mse.detach()
+        loss = self.loss_weight(t) * mse  # (B,)
+        if out.shape[1] > x0.shape[1]:  # a backbone that learns its variance (`Backbone.learns_variance`)
+            loss = loss + self.variance_loss(pred, out[:, x0.shape[1] :], x0, x_t, t)  # (B,)
+        return loss.mean(), mse.detach()
+
+    def variance_loss(
+        self, pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss (B,) that trains a learned variance `v` (B, C, h, w); none by default: the channels are
+        unused (SiT trains the velocity only)."""
+        return torch.zeros(x0.shape[0], device=x0.device)
 
     def draw_noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
         """eps: standard normal noise of `shape`, drawn on the generator's device (CPU when None)."""

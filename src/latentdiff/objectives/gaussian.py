@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from latentdiff.objectives.base import DenoisingObjective, takes_argument
+from latentdiff.objectives.variance import LearnedVariance
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -62,6 +63,7 @@ class GaussianDiffusion(DenoisingObjective):
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.variance = LearnedVariance(scheduler, prediction_type)
 
     @classmethod
     def takes_sampler(cls, scheduler_class: type) -> bool:
@@ -115,3 +117,9 @@ class GaussianDiffusion(DenoisingObjective):
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The integer timesteps themselves."""
         return t
+
+    def variance_loss(
+        self, pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The hybrid loss's L_vb (B,): the bound's term at t with the prediction frozen (`objectives.variance`)."""
+        return self.variance.vb_term(pred, v, x0, x_t, t)

@@ -1,7 +1,9 @@
 """Classifier-free guidance: the project's one helper, the null condition it guides against, and the condition
 dropout that trains the unconditional model.
 
-Convention (diffusers/DiT): out = uncond + w * (cond - uncond) on all channels; w = 1 is no guidance.
+Convention (diffusers/DiT): out = uncond + w * (cond - uncond) on all channels; w = 1 is no guidance. A backbone
+that learns its variance (2C channels) is guided on its C prediction channels; the variance values are the
+conditional ones.
 U-ViT's `scale` s is w = 1 + s (its ImageNet-256 setting s = 0.4 is w = 1.4). On token logits (the unmasking
 loop) the same formula applies, as in aMUSEd's pipeline.
 """
@@ -63,4 +65,8 @@ def guided_output(
         raise ValueError("guidance_scale != 1 needs an unconditional input (null class or empty prompt)")
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))  # (2B, ...)
     out_cond, out_uncond = out.chunk(2)
+    if x.is_floating_point() and out.shape[1] > x.shape[1]:  # a learned variance: guide the prediction only and
+        c = x.shape[1]  # keep the conditional variance values (as DiT and diffusers' DiTPipeline)
+        guided = out_uncond[:, :c] + guidance_scale * (out_cond[:, :c] - out_uncond[:, :c])
+        return torch.cat([guided, out_cond[:, c:]], dim=1)  # (B, 2C, h, w)
     return out_uncond + guidance_scale * (out_cond - out_uncond)

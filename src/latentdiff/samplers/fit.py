@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from latentdiff.errors import ConfigError
 from latentdiff.objectives import OBJECTIVES, Objective, objective_for
+from latentdiff.objectives.variance import LEARNED_VARIANCE
 from latentdiff.renames import canonical_target
 from latentdiff.samplers.unmask import check_unmask_options
 
@@ -89,6 +90,7 @@ def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None
         return
     try:
         check_fits(objective, scheduler, OmegaConf.select(cfg, "diffusion.scheduler", default=None) or {}, sampler_key)
+        check_variance(cfg, sampler_key)
         objective.check_config(cfg)
         check_options = OPTION_CHECKS.get(objective.input_kind)
         if check_options is not None:
@@ -102,6 +104,20 @@ def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_variance(cfg: Any, sampler_key: str = "sampler.scheduler") -> None:
+    """Refuse a sampler that reads a learned variance (`variance_type=learned_range`) for a backbone that has none.
+
+    Raises:
+        ValueError: naming the key, the value and what to set.
+    """
+    variance = OmegaConf.select(cfg, f"{sampler_key}.variance_type", default=None)
+    if variance in LEARNED_VARIANCE and not OmegaConf.select(cfg, "model.learn_sigma", default=False):
+        raise ValueError(
+            f"{sampler_key}.variance_type={variance} reads a learned variance, but the backbone learns none; "
+            "use a model with model.learn_sigma=true (DiT), or another sampler (sampler=ddpm, ddim, dpm_solver)"
+        )
 
 
 def conf_samplers() -> dict[str, type]:

@@ -14,6 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from latentdiff.models.contract import Backbone
 from latentdiff.objectives.base import Generators
+from latentdiff.objectives.variance import LEARNED_VARIANCE
 from latentdiff.samplers.cfg import guided_output
 
 
@@ -54,12 +55,15 @@ def sample_loop(
     kwargs = dict(step_kwargs or {})
     if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generator
+    learned = scheduler.config.get("variance_type") in LEARNED_VARIANCE  # DDPM reads the backbone's variance
     for t in scheduler.timesteps:
         t_batch = t.expand(x.shape[0]).to(noise.device)  # (B,)
         x_in = scale_input(x, t) if scale_input is not None else x  # (B, C, h, w)
         w = guidance_scale
         if guidance_interval is not None and not guidance_interval[0] <= float(t) <= guidance_interval[1]:
             w = 1.0
-        out = guided_output(model, x_in, t_batch, cond, null_cond, w)[:, : x.shape[1]]
+        out = guided_output(model, x_in, t_batch, cond, null_cond, w)  # (B, C, h, w), or 2C with learned variance
+        if not learned:
+            out = out[:, : x.shape[1]]  # other schedulers take the prediction only (the mean)
         x = scheduler.step(out, t, x, return_dict=False, **kwargs)[0]  # (B, C, h, w)
     return x
