@@ -23,8 +23,15 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("model", "extra"),
-    [("uvit_tiny", []), ("unet_tiny", []), ("uvit_tiny", ["module.num_classes=0"])],
-    ids=["uvit", "unet", "uvit-unconditional"],
+    [
+        ("uvit_tiny", []),
+        ("unet_tiny", []),
+        ("uvit_tiny", ["module.num_classes=0"]),
+        ("dit_tiny", ["model.learn_sigma=true", "diffusion=linear", "sampler=ddpm_learned", "sampler.steps=2"]),
+        ("dit_tiny", ["model.time_convention=sit", "diffusion=flow", "sampler=flow_euler", "sampler.steps=2"]),
+        ("dit_tiny", [f"model.{switch}=true" for switch in ("swiglu", "rmsnorm", "rope", "qk_norm")]),
+    ],
+    ids=["uvit", "unet", "uvit-unconditional", "dit-learned-sigma", "sit", "lightningdit-switches"],
 )
 def test_one_run_per_backbone_family_writes_the_run_directory(compose_cfg, model, extra):
     cfg = compose_cfg([*TINY_RUN, f"model={model}", *extra])
