@@ -57,6 +57,8 @@ MODEL_DATA: dict[str, list[str]] = {
     "unet_cond": COCO_256,
     "uvit2d": ["data=latents", "data.num_classes=1000", "vae=vq_amused256", "diffusion=masked_tokens"],
     **{f"dit_{size}{patch}": LATENTS_256 for size in ("s", "b", "l", "xl") for patch in (2, 4, 8)},
+    "lightningdit_b1": LATENTS_256,
+    "lightningdit_xl1": LATENTS_256,
 }
 DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_cond_tiny", "uvit2d_tiny", "dit", "dit_tiny")  # the quickstart's data fits
 SWEEP_BASE = {"tiny": []}  # the runs a sweep preset's header starts; else experiment=cifar10_uvit_s2

@@ -68,6 +68,9 @@ _LONG = "x" * 5000
 MATRIX = [
     ("train", ["model=uvit_xxl"], "model=uvit_xxl is not a known option of 'model'; use one of:"),
     ("train", ["model.patch_size=3"], "model.patch_size=3 does not divide the input size 32"),
+    ("train", ["model=unet_tiny", "model.block_out_channels=[24,48]"], "model.attention_head_dim=64 must divide"),
+    ("train", ["model=dit_tiny", "model.patch_size=3"], "model.patch_size=3 does not divide the input size 32"),
+    ("train", ["model=dit_tiny", "sampler=ddpm_learned", "diffusion=linear"], "sampler.scheduler.variance_type="),
     ("train", ["optim.lr=-1e-4"], "optim.lr=-0.0001 must be > 0"),
     ("train", ["module.p_uncond=1.5"], "module.p_uncond=1.5 is outside [0, 1)"),
     ("train", ["model.skip=sideways"], "model.skip='sideways' is not allowed; use one of"),

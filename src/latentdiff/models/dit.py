@@ -12,9 +12,9 @@ so the official state dicts (`DiT-XL-2-256x256.pt`, `SiT-XL-2-256x256.pt`) load 
 official outputs. SiT (Ma et al. 2024) is the same network trained on the flow path; `time_convention="sit"` feeds
 it SiT's time and returns this project's velocity (see `DiT.forward`).
 
-LightningDiT's block options (Yao et al. 2025), each off by default (= DiT): `swiglu` (SwiGLU MLP), `rmsnorm`
-(RMSNorm in place of the LayerNorms), `rope` (2D rotary positions on queries and keys), `qk_norm` (a norm of the
-queries and keys per head).
+LightningDiT's block options (Yao et al. 2025; github.com/hustvl/LightningDiT `models/lightningdit.py`), each off
+by default (= DiT): `swiglu` (SwiGLU MLP), `rmsnorm` (RMSNorm with a learned scale in place of the LayerNorms),
+`rope` (EVA's 2D rotary positions on queries and keys), `qk_norm` (a norm of the queries and keys per head).
 """
 
 from __future__ import annotations
@@ -56,11 +56,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _norm(dim: int, rmsnorm: bool, affine: bool) -> nn.Module:
-    """The block's norm: LayerNorm (DiT: no affine, eps 1e-6) or RMSNorm (LightningDiT)."""
+def _norm(dim: int, rmsnorm: bool) -> nn.Module:
+    """A block's norm: DiT's LayerNorm (no affine, eps 1e-6), or LightningDiT's RMSNorm (a learned scale, eps 1e-6)."""
     if rmsnorm:
-        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine)
-    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
+def _qk_norm(head_dim: int, rmsnorm: bool) -> nn.Module:
+    """LightningDiT's query/key norm per head: RMSNorm with `rmsnorm`, else timm's LayerNorm (affine, eps 1e-5)."""
+    return nn.RMSNorm(head_dim, eps=1e-6) if rmsnorm else nn.LayerNorm(head_dim)
 
 
 class TimestepEmbedder(nn.Module):
@@ -120,8 +125,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = _norm(head_dim, rmsnorm, affine=True) if qk_norm else nn.Identity()
-        self.k_norm = _norm(head_dim, rmsnorm, affine=True) if qk_norm else nn.Identity()
+        self.q_norm = _qk_norm(head_dim, rmsnorm) if qk_norm else nn.Identity()
+        self.k_norm = _qk_norm(head_dim, rmsnorm) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
@@ -149,12 +154,12 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP (Shazeer 2020) at about the GELU MLP's parameters: hidden width 2/3 of it, rounded up to a
-    multiple of 8 (xformers' `SwiGLU` names: `w12` the fused gate and value, `w3` the output)."""
+    """SwiGLU MLP (Shazeer 2020) at about the GELU MLP's parameters: a hidden width of 2/3 of it, as LightningDiT
+    (its `SwiGLUFFN` names: `w12` the fused gate and value, `w3` the output)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        hidden = int(2 / 3 * hidden)
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
@@ -170,9 +175,9 @@ class DiTBlock(nn.Module):
         self, hidden_size: int, num_heads: int, mlp_ratio: float, swiglu: bool, rmsnorm: bool, qk_norm: bool
     ):
         super().__init__()
-        self.norm1 = _norm(hidden_size, rmsnorm, affine=False)
+        self.norm1 = _norm(hidden_size, rmsnorm)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, rmsnorm=rmsnorm)
-        self.norm2 = _norm(hidden_size, rmsnorm, affine=False)
+        self.norm2 = _norm(hidden_size, rmsnorm)
         self.mlp = (SwiGLU if swiglu else Mlp)(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -187,7 +192,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, rmsnorm: bool):
         super().__init__()
-        self.norm_final = _norm(hidden_size, rmsnorm, affine=False)
+        self.norm_final = _norm(hidden_size, rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 

@@ -14,6 +14,7 @@ class". `num_class_embeds <= 0` (the resolver's value for "no classes") means no
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +47,16 @@ def _check_kwargs(cls: type[ModelMixin], kwargs: dict[str, Any]) -> dict[str, An
     channels, groups = list(get("block_out_channels")), get("norm_num_groups")
     if groups is not None and any(c % groups for c in channels):
         raise ValueError(f"model.norm_num_groups={groups} must divide each of model.block_out_channels={channels}")
+    head_dim = get("attention_head_dim") if cls.__name__ == "UNet2DModel" else None  # the 2D UNet's head width
+    if isinstance(head_dim, int):
+        attended = [c for c, kind in zip(channels, get("down_block_types"), strict=False) if kind.startswith("Attn")]
+        attended += [channels[-1]] if get("add_attention") else []  # the middle block's attention
+        if any(c % head_dim for c in attended):
+            raise ValueError(
+                f"model.attention_head_dim={head_dim} must divide the channels of every block with attention "
+                f"({sorted(set(attended))} of model.block_out_channels={channels}); e.g. model.attention_head_dim="
+                f"{math.gcd(*attended)}"
+            )
     size, factor = get("sample_size"), 2 ** (len(get("down_block_types")) - 1)
     if any(s % factor for s in ([size] if isinstance(size, int) else size or [])):
         raise ValueError(
