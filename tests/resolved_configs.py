@@ -60,7 +60,16 @@ MODEL_DATA: dict[str, list[str]] = {
     "lightningdit_b1": LATENTS_256,
     "lightningdit_xl1": LATENTS_256,
 }
-DEFAULT_DATA_MODELS = ("uvit", "uvit_tiny", "unet_tiny", "unet_mini", "unet_cond_tiny", "uvit2d_tiny", "dit", "dit_tiny")  # the quickstart's data fits
+DEFAULT_DATA_MODELS = (
+    "uvit",
+    "uvit_tiny",
+    "unet_tiny",
+    "unet_mini",
+    "unet_cond_tiny",
+    "uvit2d_tiny",
+    "dit",
+    "dit_tiny",
+)  # the quickstart's data fits
 SWEEP_BASE = {"tiny": [], "backbones": []}  # the runs a sweep preset's header starts; else experiment=cifar10_uvit_s2
 ENTRIES: dict[str, list[list[str]]] = {
     "sample": [[], ["model=uvit_l2"], ["model=uvit_s2_t2i", "data=coco256_latents"]],

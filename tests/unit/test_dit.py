@@ -1,5 +1,5 @@
-"""DiT backbone: equality with the official DiT, SiT and LightningDiT code, the official initialisation, the paper's sizes and
-GFLOPs, LightningDiT's block options, the SiT time convention, config errors.
+"""DiT backbone: equality with the official DiT, SiT and LightningDiT code, the official initialisation, the
+paper's sizes and GFLOPs, LightningDiT's block options, the SiT time convention, config errors.
 
 Golden values (tests/data/dit_reference.json) come from the official implementations (github.com/
 facebookresearch/DiT and github.com/willisma/SiT `models.py`, github.com/hustvl/LightningDiT
@@ -41,9 +41,9 @@ def reference_inputs(args: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([1, args["num_classes"], 0])  # a class, the null class, class 0
 
 
-def _ours(case: dict) -> DiT:
+def _ours(case: dict, **kwargs) -> DiT:
     convention = "sit" if case["official_class"] == "sit" else "dit"
-    return DiT(**case["args"], time_convention=convention).eval()
+    return DiT(**case["args"], time_convention=convention, **kwargs).eval()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -55,10 +55,8 @@ def test_official_weights_give_the_official_outputs(name):
     x, y = reference_inputs(case["args"])
     t = torch.tensor(case["t"])
     with torch.no_grad():
-        if case["official_class"] == "sit":  # SiT's time (1: data) is 1 - t / 1000 here; its velocity negated
-            out = -model(x, 1000.0 * (1.0 - t), y)
-        else:
-            out = model(x, t, y)
+        sit = case["official_class"] == "sit"  # SiT's time (1: data) is 1 - t / 1000 here; its velocity negated
+        out = -model(x, 1000.0 * (1.0 - t), y) if sit else model(x, t, y)
     assert list(out.shape) == case["output_shape"]
     expected = torch.tensor(case["output"]).view(out.shape)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
@@ -179,3 +177,22 @@ def test_class_ids_are_checked():
     with pytest.raises(ValueError, match=r"cond must be \(B,\) class ids \(the null class is 3\)"):
         model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), None)
     assert model.class_rows == 4 and model.condition == "class" and model.learns_variance
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if "forward_with_cfg" in CASES[n]))
+def test_guidance_on_three_channels_is_the_official_forward_with_cfg(name):
+    from latentdiff.samplers.cfg import guided_output
+
+    case = CASES[name]
+    model = _ours(case, guidance_channels=3)
+    model.load_state_dict(deterministic_state_dict(case["shapes"]))
+    x, _ = reference_inputs(case["args"])
+    t, null = torch.tensor(case["t"][:1]), torch.tensor([case["args"]["num_classes"]])
+    if case["official_class"] == "sit":
+        t = 1000.0 * (1.0 - t)
+    with torch.no_grad():
+        out = guided_output(model, x[:1], t, torch.tensor([1]), null, case["cfg_scale"])
+    if case["official_class"] == "sit":
+        out = -out
+    expected = torch.tensor(case["forward_with_cfg"]).view(2, *out.shape[1:])[:1]  # the conditional half
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

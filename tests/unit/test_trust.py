@@ -86,7 +86,10 @@ def test_a_crafted_vae_folder_runs_no_code(tmp_path):
     [
         (["diffusion=cosine_v"], "latentdiff.diffusion.GaussianDiffusion"),
         (["diffusion=flow", "sampler=flow_euler"], "latentdiff.diffusion.FlowMatching"),
-        (["experiment=quickstart_tokens", "diffusion=masked_tokens", "sampler=amused"], "latentdiff.masking.MaskedTokens"),
+        (
+            ["experiment=quickstart_tokens", "diffusion=masked_tokens", "sampler=amused"],
+            "latentdiff.masking.MaskedTokens",
+        ),
     ],
 )
 def test_a_config_stored_with_the_old_objective_names_builds_the_same_classes(overrides, old):

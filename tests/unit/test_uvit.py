@@ -3,8 +3,8 @@
 Golden values (tests/data/uvit_reference.json) come from the official implementation
 (github.com/baofff/U-ViT, libs/uvit.py and libs/uvit_t2i.py at the commit named in the file's `_meta`),
 run outside this repository: for each case in the file, build the official `UViT(**args)`, load
-`deterministic_state_dict` (`tests/helpers/reference.py`) of its state-dict shapes with `strict=True`, and record the flattened
-output for the inputs of `reference_inputs` (below), at t = [3.0, 977.5] and at t = [1.0, 1000.0]. The
+`deterministic_state_dict` (`tests/helpers/reference.py`) of its state-dict shapes with `strict=True`, and record
+the flattened output for the inputs of `reference_inputs` (below), at t = [3.0, 977.5] and at t = [1.0, 1000.0]. The
 official parameter counts of the presets were computed the same way (official class, same arguments).
 """
 

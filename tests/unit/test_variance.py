@@ -131,7 +131,9 @@ def test_learned_range_sampling_follows_adm_step_by_step():
         out = model(x.float(), torch.tensor([kept[i]] * 2)).double()
         eps, v = out[:, :2], out[:, 2:]
         x0 = (x - (1 - ab[i]).sqrt() * eps) / ab[i].sqrt()
-        mean = betas[i] * ab_prev[i].sqrt() / (1 - ab[i]) * x0 + (1 - ab_prev[i]) * (1 - betas[i]).sqrt() / (1 - ab[i]) * x
+        mean = (
+            betas[i] * ab_prev[i].sqrt() / (1 - ab[i]) * x0 + (1 - ab_prev[i]) * (1 - betas[i]).sqrt() / (1 - ab[i]) * x
+        )
         frac = (v + 1) / 2
         log_var = frac * betas[i].log() + (1 - frac) * log_post[i]
         z = torch.randn(x.shape, generator=g).double()

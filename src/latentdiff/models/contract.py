@@ -6,6 +6,7 @@ A backbone is a plain `nn.Module` (no Lightning, Hydra, autoencoder or schedule 
 - `forward(x, timesteps, cond=None)`: `x` is a noisy latent `(B, C, h, w)` float when `input_kind == "latents"`,
   or token ids `(B, h, w)` int64 when `input_kind == "tokens"`; `timesteps` `(B,)` or a scalar in the
   objective's units; the result is shaped like `x` (latents) or `(B, codebook, h, w)` logits (tokens).
+- `guidance_channels`: how many prediction channels classifier-free guidance moves (None: all).
 - `learns_variance`: the result has 2C channels, the prediction then Improved DDPM's variance values
   (`objectives.variance`; DiT's `learn_sigma`).
 - `condition`: what `cond` is: "class" (class ids `(B,)`, `class_rows` rows in the table: the classes and the
@@ -38,6 +39,8 @@ class Backbone(nn.Module):
     input_kind: ClassVar[str] = "latents"  # "latents": float (B, C, h, w); "tokens": int64 ids (B, h, w)
     export_folder: ClassVar[str] = "transformer"
     condition: str = "none"  # "class" | "text" | "none"
+    guidance_channels: int | None = None  # classifier-free guidance moves the first this many prediction channels
+    # (None: all of them; `samplers.cfg`)
     learns_variance: bool = False  # forward returns 2C channels: the prediction, then the variance values v
     # (Improved DDPM's interpolation between the two variance bounds, `objectives.variance`)
     class_rows: int = 0  # rows of the class table (classes + the null class); 0 without one
@@ -83,3 +86,10 @@ class Backbone(nn.Module):
         from latentdiff.models.weights import read_state_dict
 
         return read_state_dict(folder / WEIGHTS, key)
+
+
+def guided_channels(model: Any, channels: int) -> int:
+    """The prediction channels classifier-free guidance moves for `model` (a `Backbone`, or a plain callable in
+    tests): its `guidance_channels`, else all `channels`."""
+    wanted = getattr(model, "guidance_channels", None)
+    return channels if wanted is None else min(int(wanted), channels)

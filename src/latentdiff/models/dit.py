@@ -19,8 +19,6 @@ by default (= DiT): `swiglu` (SwiGLU MLP), `rmsnorm` (RMSNorm with a learned sca
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -171,9 +169,7 @@ class SwiGLU(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero: `x + gate * f(modulate(norm(x), shift, scale))` for attention and MLP."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float, swiglu: bool, rmsnorm: bool, qk_norm: bool
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, swiglu: bool, rmsnorm: bool, qk_norm: bool):
         super().__init__()
         self.norm1 = _norm(hidden_size, rmsnorm)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, rmsnorm=rmsnorm)
@@ -230,6 +226,8 @@ class DiT(Backbone):
             1 - t / 1000 (1: data) and its velocity (data - noise) is returned negated, this project's
             (noise - data), so official SiT weights sample with `diffusion=flow`. As SiT, it returns the
             velocity only (C channels), with or without `learn_sigma`.
+        guidance_channels: classifier-free guidance moves the first this many channels of the prediction (None:
+            all); 3 reproduces the official sampling scripts of DiT, SiT and LightningDiT (`forward_with_cfg`).
         use_checkpoint: gradient checkpointing of every block while training.
     """
 
@@ -250,12 +248,15 @@ class DiT(Backbone):
         rope: bool = False,
         qk_norm: bool = False,
         time_convention: str = "dit",
+        guidance_channels: int | None = None,
         use_checkpoint: bool = False,
     ):
         super().__init__()
         check_dit_args(
-            input_size, patch_size, hidden_size, num_heads, num_classes, class_dropout_prob, rope, time_convention
-        )
+            input_size, patch_size, hidden_size, num_heads, num_classes, class_dropout_prob, rope, time_convention,
+            guidance_channels, in_channels,
+        )  # fmt: skip
+        self.guidance_channels = guidance_channels
         self.in_channels, self.patch_size, self.learn_sigma = in_channels, patch_size, bool(learn_sigma)
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learns_variance = self.learn_sigma and time_convention != "sit"  # the backbone contract's name
@@ -342,4 +343,3 @@ class DiT(Backbone):
         if self.sit_time:  # SiT's velocity (data - noise) -> this project's (noise - data); SiT returns no
             return -out[:, :C]  # variance channels (its `learn_sigma` channels are never trained)
         return out
-

@@ -20,6 +20,8 @@ def check_dit_args(
     class_dropout_prob: float = 0.1,
     rope: bool = False,
     time_convention: str = "dit",
+    guidance_channels: int | None = None,
+    in_channels: int = 4,
     **_: Any,
 ) -> None:
     """Check the DiT's arguments (the others are plain sizes the config rules check).
@@ -52,4 +54,9 @@ def check_dit_args(
         raise ValueError(
             f"model.time_convention={time_convention!r} is not allowed; use one of "
             + ", ".join(repr(c) for c in TIME_CONVENTIONS)
+        )
+    if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
+        raise ValueError(
+            f"model.guidance_channels={guidance_channels} must be null (all) or between 1 and the latent channels "
+            f"{in_channels} (3: the official DiT sampling)"
         )

@@ -3,7 +3,8 @@ dropout that trains the unconditional model.
 
 Convention (diffusers/DiT): out = uncond + w * (cond - uncond) on all channels; w = 1 is no guidance. A backbone
 that learns its variance (2C channels) is guided on its C prediction channels; the variance values are the
-conditional ones.
+conditional ones. A backbone may guide fewer (`Backbone.guidance_channels`: the official DiT, SiT and LightningDiT
+sampling scripts guide the first 3 latent channels, "for exact reproducibility").
 U-ViT's `scale` s is w = 1 + s (its ImageNet-256 setting s = 0.4 is w = 1.4). On token logits (the unmasking
 loop) the same formula applies, as in aMUSEd's pipeline.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from latentdiff.models.contract import Backbone
+from latentdiff.models.contract import Backbone, guided_channels
 
 
 def null_condition(
@@ -65,8 +66,8 @@ def guided_output(
         raise ValueError("guidance_scale != 1 needs an unconditional input (null class or empty prompt)")
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))  # (2B, ...)
     out_cond, out_uncond = out.chunk(2)
-    if x.is_floating_point() and out.shape[1] > x.shape[1]:  # a learned variance: guide the prediction only and
-        c = x.shape[1]  # keep the conditional variance values (as DiT and diffusers' DiTPipeline)
-        guided = out_uncond[:, :c] + guidance_scale * (out_cond[:, :c] - out_uncond[:, :c])
-        return torch.cat([guided, out_cond[:, c:]], dim=1)  # (B, 2C, h, w)
+    c = guided_channels(model, x.shape[1]) if x.is_floating_point() else out.shape[1]
+    if c < out.shape[1]:  # a learned variance, or official DiT sampling: guide the first c channels, keep the
+        guided = out_uncond[:, :c] + guidance_scale * (out_cond[:, :c] - out_uncond[:, :c])  # conditional rest
+        return torch.cat([guided, out_cond[:, c:]], dim=1)  # (B, C or 2C, h, w)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
