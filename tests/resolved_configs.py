@@ -57,6 +57,7 @@ MODEL_DATA: dict[str, list[str]] = {
     "unet_cond": COCO_256,
     "uvit2d": ["data=latents", "data.num_classes=1000", "vae=vq_amused256", "diffusion=masked_tokens"],
     **{f"dit_{size}{patch}": LATENTS_256 for size in ("s", "b", "l", "xl") for patch in (2, 4, 8)},
+    "sit_xl2": [*LATENTS_256, "diffusion=flow"],
     "lightningdit_b1": LATENTS_256,
     "lightningdit_xl1": LATENTS_256,
 }
