@@ -162,7 +162,7 @@ _ROLES = {
     "vae": ("latentdiff.autoencoder.",),
     "diffusion": ("latentdiff.objectives.",),
     "diffusion.scheduler": ("diffusers.",),
-    "sampler.scheduler": ("diffusers.",),
+    "sampler.scheduler": ("diffusers.", "latentdiff.samplers."),
 }
 
 

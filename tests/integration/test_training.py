@@ -28,7 +28,7 @@ def _rows(path: Path) -> list[dict]:
         ("unet_tiny", []),
         ("uvit_tiny", ["module.num_classes=0"]),
         ("dit_tiny", ["model.learn_sigma=true", "diffusion=linear", "sampler=ddpm_learned", "sampler.steps=2"]),
-        ("dit_tiny", ["model.time_convention=sit", "diffusion=flow", "sampler=flow_euler", "sampler.steps=2"]),
+        ("dit_tiny", ["model.time_convention=sit", "diffusion=flow", "sampler=flow_sde", "sampler.steps=3"]),
         ("dit_tiny", [f"model.{switch}=true" for switch in ("swiglu", "rmsnorm", "rope", "qk_norm")]),
     ],
     ids=["uvit", "unet", "uvit-unconditional", "dit-learned-sigma", "sit", "lightningdit-switches"],
