@@ -54,6 +54,7 @@ ALLOWED: dict[str, str] = {
     "diffusers.FlowMatchEulerDiscreteScheduler.from_config": "partial",
     "diffusers.FlowMatchHeunDiscreteScheduler.from_config": "partial",
     "latentdiff.samplers.flow_sde.FlowMatchSDEScheduler.from_config": "partial",
+    "latentdiff.samplers.flow_ode.FlowMatchODESolver.from_config": "partial",
     "diffusers.AmusedScheduler.from_config": "partial",
 }
 # Hydra keys that change how a node is built: only these are accepted, with the meaning given in the docstring

@@ -21,6 +21,7 @@ from latentdiff.objectives.flow import FlowMatching
 from latentdiff.objectives.gaussian import GaussianDiffusion
 from latentdiff.samplers.cfg import guided_output
 from latentdiff.samplers.fit import make_sampling_scheduler
+from latentdiff.samplers.flow_ode import FlowMatchODESolver
 from latentdiff.samplers.flow_sde import FlowMatchSDEScheduler
 from latentdiff.samplers.loop import sample_loop
 from latentdiff.validation import check_values
@@ -104,7 +105,8 @@ CASES = [
     ("flow", False, FlowMatchEulerDiscreteScheduler, {}, 20),
     ("flow", False, FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, 20),
     ("flow", False, FlowMatchHeunDiscreteScheduler, {}, 10),
-    ("flow", False, FlowMatchSDEScheduler, {"diffusion_norm": 0.0}, 20),  # its ODE (the SDE: test_flow_sde)
+    ("flow", False, FlowMatchSDEScheduler, {"diffusion_norm": 0.0}, 20),  # its ODE (the SDE: test_flow_samplers)
+    ("flow", False, FlowMatchODESolver, {}, 250),
 ]
 
 

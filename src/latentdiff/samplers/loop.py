@@ -16,6 +16,7 @@ from latentdiff.models.contract import Backbone
 from latentdiff.objectives.base import Generators
 from latentdiff.objectives.variance import LEARNED_VARIANCE
 from latentdiff.samplers.cfg import guided_output
+from latentdiff.samplers.flow_ode import FlowMatchODESolver
 
 
 @torch.no_grad()
@@ -49,6 +50,8 @@ def sample_loop(
     Returns:
         x0 latents (B, C, h, w).
     """
+    if isinstance(scheduler, FlowMatchODESolver):  # an ODE solver integrates the whole path itself
+        return _solve(model, scheduler, noise, num_steps, cond, null_cond, guidance_scale, guidance_interval)
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # (B, C, h, w)
     scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
@@ -67,3 +70,24 @@ def sample_loop(
             out = out[:, : x.shape[1]]  # other schedulers take the prediction only (the mean)
         x = scheduler.step(out, t, x, return_dict=False, **kwargs)[0]  # (B, C, h, w)
     return x
+
+
+def _solve(
+    model: Backbone,
+    solver: FlowMatchODESolver,
+    noise: torch.Tensor,
+    num_steps: int,
+    cond: torch.Tensor | None,
+    null_cond: torch.Tensor | None,
+    guidance_scale: float,
+    guidance_interval: tuple[float, float] | None,
+) -> torch.Tensor:
+    """`sample_loop` for an ODE solver: the guided velocity as a function of (x, timesteps), integrated whole."""
+
+    def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        w = guidance_scale
+        if guidance_interval is not None and not guidance_interval[0] <= float(timesteps[0]) <= guidance_interval[1]:
+            w = 1.0
+        return guided_output(model, x, timesteps, cond, null_cond, w)[:, : x.shape[1]]
+
+    return solver.solve(velocity, noise, num_steps)

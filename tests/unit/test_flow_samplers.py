@@ -1,5 +1,6 @@
-"""SiT's SDE sampler, step by step against a transcription of SiT's `transport` (Linear path, velocity model,
-diffusion form "sigma", last step "Mean"), in SiT's own time and sign convention."""
+"""SiT's samplers: the SDE step by step against a transcription of SiT's `transport` (Linear path, velocity model,
+diffusion form "sigma", last step "Mean"), in SiT's own time and sign convention; the ODE solver's grid, time and
+sign against a hand-written Euler loop and a linear ODE's closed form."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from latentdiff.samplers.fit import make_sampling_scheduler
+from latentdiff.samplers.flow_ode import FlowMatchODESolver
 from latentdiff.samplers.flow_sde import FlowMatchSDEScheduler
 from latentdiff.samplers.loop import sample_loop
 
@@ -60,3 +62,42 @@ def test_bad_options_are_one_line():
         FlowMatchSDEScheduler(last_step_size=1.0)
     with pytest.raises(ValueError, match=r"sampler.steps=1 must be >= 2"):
         FlowMatchSDEScheduler().set_timesteps(1)
+
+
+def _solver(**kwargs) -> FlowMatchODESolver:
+    partial = functools.partial(FlowMatchODESolver.from_config, **kwargs)
+    return make_sampling_scheduler(partial, FlowMatchEulerDiscreteScheduler())
+
+
+def test_fixed_grid_euler_is_sits_euler_loop():
+    torch.manual_seed(0)
+    w = torch.randn(1, 2, 1, 1)
+
+    def sit_velocity(x, s):
+        return torch.tanh(x * w) * (1 + s) - 0.3 * x
+
+    def ours(x, timesteps, cond=None):
+        s = 1 - timesteps.view(-1, 1, 1, 1) / 1000
+        return -sit_velocity(x, s)
+
+    noise = torch.randn(2, 2, 3, 3)
+    out = sample_loop(ours, _solver(method="euler"), noise, 8)
+    grid, x = torch.linspace(0, 1, 8), noise.clone()
+    for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+        x = x + (s1 - s0) * sit_velocity(x, s0)
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-6)
+
+
+def test_dopri5_solves_a_linear_ode_to_its_tolerance():
+    k = torch.tensor([0.5, -1.5]).view(1, 2, 1, 1)  # dx/ds = -v_ours = -k x: x(1) = x(0) exp(-k)
+    solver = _solver()
+    out = sample_loop(lambda x, t, c=None: k * x, solver, torch.ones(1, 2, 2, 2), 250)
+    torch.testing.assert_close(out, torch.exp(-k).expand_as(out), rtol=2e-3, atol=1e-5)
+    assert 6 <= solver.evaluations < 250  # adaptive: its own steps, not the 250 output times
+
+
+def test_bad_solver_options_are_one_line():
+    with pytest.raises(ValueError, match=r"sampler.scheduler.method='rk45' is not a torchdiffeq method; use one of"):
+        FlowMatchODESolver(method="rk45")
+    with pytest.raises(ValueError, match=r"sampler.steps=1 must be >= 2 for the ODE solver"):
+        FlowMatchODESolver().solve(lambda x, t: x, torch.zeros(1, 1, 1, 1), 1)
