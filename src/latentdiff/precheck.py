@@ -3,8 +3,8 @@ after every entry's rule checks (`cli.hydra_entry` runs `validation.check_early`
 
 A mistake in the U-ViT's shape (`model.patch_size=3` on a 32-pixel input) is found by the U-ViT's own argument
 checks (`models.uvit_args`, which `UViT.__init__` runs too: one check, one place; the DiT's in
-`models.dit_args`), which need no torch. Other backbones are checked by the job when it builds them. Then the run directory is checked and claimed
-(`rundir.check_location`).
+`models.dit_args`), which need no torch. Other backbones are checked by the job when it builds them. Then the
+run directory is checked and claimed (`rundir.check_location`).
 """
 
 from __future__ import annotations

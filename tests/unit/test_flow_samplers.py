@@ -5,6 +5,7 @@ sign against a hand-written Euler loop and a linear ODE's closed form."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_fixed_grid_euler_is_sits_euler_loop():
     noise = torch.randn(2, 2, 3, 3)
     out = sample_loop(ours, _solver(method="euler"), noise, 8)
     grid, x = torch.linspace(0, 1, 8), noise.clone()
-    for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+    for s0, s1 in itertools.pairwise(grid):
         x = x + (s1 - s0) * sit_velocity(x, s0)
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-6)
 
