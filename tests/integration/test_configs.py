@@ -57,13 +57,17 @@ def test_every_sweep_preset_composes_and_builds_each_job():
             axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
             jobs = [list(j) for j in itertools.product(*axes)]
             assert len(jobs) >= 2, sweep
+            base = [o for o in sweep_base(sweep) if not o.startswith("sweep=")]
             for job in jobs:
-                job_cfg = compose(["experiment=cifar10_uvit_s2", *job])
+                job_cfg = compose([*base, *job])
                 with torch.device("meta"):
                     model = build_backbone(job_cfg.model)
                 for override in job:
                     k, value = override.split("=", 1)
-                    assert str(OmegaConf.select(job_cfg, k)) == value, (sweep, job)
+                    if k in GROUPS:  # a group's option (sweep=backbones: model=dit_tiny): that preset's node
+                        assert job_cfg[k] == compose([*base, override])[k], (sweep, job)
+                    else:
+                        assert str(OmegaConf.select(job_cfg, k)) == value, (sweep, job)
                 assert sum(p.numel() for p in model.parameters()) > 0, (sweep, job)
 
 
