@@ -6,6 +6,7 @@ composing a config (no registration at import time).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -77,4 +78,14 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         options = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):
             if option and option not in options:
-                raise ConfigError(f"{key}={option} is not a known option of '{key}'; use one of: {', '.join(options)}")
+                raise ConfigError(
+                    f"{key}={option} is not a known option of '{key}'; use one of: {_some(option, options, key)}"
+                )
+
+
+def _some(option: str, options: list[str], key: str) -> str:
+    """The options to name in an error: all of a short list, else the closest few and where the others are."""
+    if len(options) <= 16:
+        return ", ".join(options)
+    close = difflib.get_close_matches(option, options, n=4, cutoff=0.0)
+    return f"{', '.join(close)} (the closest of {len(options)}: ls conf/{key.replace('.', '/')}/)"

@@ -27,7 +27,7 @@ def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         ),
         (
             ["model=uvit_xxl"],
-            "error: model=uvit_xxl is not a known option of 'model'; use one of: unet, unet_cond",
+            "error: model=uvit_xxl is not a known option of 'model'; use one of: uvit_l4, uvit_l2, uvit_s4, uvit_s2",
         ),
         (["optim.lr=-1e-4"], "error: optim.lr=-0.0001 must be > 0"),
         (["module.p_uncond=1.5"], "error: module.p_uncond=1.5 is outside [0, 1)"),

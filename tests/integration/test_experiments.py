@@ -87,6 +87,8 @@ def _toy_model(model) -> list[str]:
     """Toy-width overrides of a preset's backbone (its layout, depth pattern and options kept)."""
     if model._target_ == UVIT:
         return ["model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+    if model._target_.endswith(".DiT"):
+        return ["model.hidden_size=32", "model.depth=2", "model.num_heads=2"]
     if model._target_.endswith("UVit2D"):  # its layout (down/upsampling, conditioning) kept
         return [
             "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
