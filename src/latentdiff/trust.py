@@ -67,7 +67,7 @@ def _refuse(where: str, key: str, what: str) -> ConfigError:
 
 
 def _kinds() -> str:
-    return "latentdiff's backbones, autoencoders, objectives and the diffusers schedulers of conf/"
+    return "latentdiff's backbones, autoencoders, objectives and samplers, and the diffusers schedulers of conf/"
 
 
 def check(node: Any, where: str, key: str, built: bool = True) -> None:

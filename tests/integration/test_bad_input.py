@@ -71,6 +71,32 @@ MATRIX = [
     ("train", ["model=unet_tiny", "model.block_out_channels=[24,48]"], "model.attention_head_dim=64 must divide"),
     ("train", ["model=dit_tiny", "model.patch_size=3"], "model.patch_size=3 does not divide the input size 32"),
     ("train", ["model=dit_tiny", "sampler=ddpm_learned", "diffusion=linear"], "sampler.scheduler.variance_type="),
+    (
+        "train",
+        ["model=dit_tiny", "model.time_convention=sit", "diffusion=linear", "sampler=ddpm"],
+        "model.time_convention=sit feeds the network SiT's flow time, but the objective is Gaussian diffusion",
+    ),
+    (
+        "train",
+        ["model=dit_tiny", "model.learn_sigma=true", "diffusion=flow", "sampler=flow_euler"],
+        "model.learn_sigma=true adds variance channels that",
+    ),
+    (
+        "train",
+        [
+            "model=dit_tiny",
+            "model.learn_sigma=true",
+            "diffusion=linear",
+            "sampler=ddpm_learned",
+            "sampler.scheduler.variance_type=learned",
+        ],
+        "sampler.scheduler.variance_type=learned reads the variance",
+    ),
+    (
+        "train",
+        ["diffusion=flow", "sampler=flow_sde", "sampler.scheduler.last_step_size=0"],
+        "sampler.scheduler.last_step_size=0",
+    ),
     ("train", ["optim.lr=-1e-4"], "optim.lr=-0.0001 must be > 0"),
     ("train", ["module.p_uncond=1.5"], "module.p_uncond=1.5 is outside [0, 1)"),
     ("train", ["model.skip=sideways"], "model.skip='sideways' is not allowed; use one of"),

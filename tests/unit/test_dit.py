@@ -196,3 +196,9 @@ def test_guidance_on_three_channels_is_the_official_forward_with_cfg(name):
         out = -out
     expected = torch.tensor(case["forward_with_cfg"]).view(2, *out.shape[1:])[:1]  # the conditional half
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_sin_cos_positions_are_the_official_function_s():
+    official = REFERENCE["official_pos_embed"]  # MAE's get_2d_sincos_pos_embed, as DiT's models.py calls it
+    ours = dit_pos_embed_2d(official["dim"], official["grid"])[official["tokens"]]
+    torch.testing.assert_close(ours, torch.tensor(official["rows"]), rtol=0, atol=1e-6)

@@ -59,8 +59,9 @@ def test_steps_are_sits(steps, last, norm):
 
 
 def test_bad_options_are_one_line():
-    with pytest.raises(ValueError, match=r"sampler.scheduler.last_step_size=1.0 must be in \[0, 1\)"):
-        FlowMatchSDEScheduler(last_step_size=1.0)
+    for size in (0.0, 1.0):
+        with pytest.raises(ValueError, match=rf"sampler.scheduler.last_step_size={size} must be in \(0, 1\)"):
+            FlowMatchSDEScheduler(last_step_size=size)
     with pytest.raises(ValueError, match=r"sampler.steps=1 must be >= 2"):
         FlowMatchSDEScheduler().set_timesteps(1)
 

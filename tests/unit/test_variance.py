@@ -20,6 +20,8 @@ TOY = dict(num_train_timesteps=10, beta_schedule="linear", beta_start=0.01, beta
 class Fixed(torch.nn.Module):
     """A 'backbone' that returns a fixed prediction and variance values (2C channels), with gradients."""
 
+    learns_variance = True
+
     def __init__(self, pred: torch.Tensor, v: torch.Tensor):
         super().__init__()
         self.pred, self.v = torch.nn.Parameter(pred.clone()), torch.nn.Parameter(v.clone())

@@ -93,3 +93,8 @@ def guided_channels(model: Any, channels: int) -> int:
     tests): its `guidance_channels`, else all `channels`."""
     wanted = getattr(model, "guidance_channels", None)
     return channels if wanted is None else min(int(wanted), channels)
+
+
+def learns_variance(model: Any) -> bool:
+    """Whether `model` (a `Backbone`, or a plain callable in tests) returns a learned variance after its prediction."""
+    return bool(getattr(model, "learns_variance", False))

@@ -115,9 +115,10 @@ class RotaryEmbedding2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate (B, H, L, hd) queries or keys."""
-        pairs = x.unflatten(-1, (-1, 2))  # (B, H, L, hd / 2, 2)
+        x32 = x.float()  # the rotation in float32 (under bf16 autocast too), as LightningDiT's float32 tables
+        pairs = x32.unflatten(-1, (-1, 2))  # (B, H, L, hd / 2, 2)
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (B, H, L, hd)
-        return x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
+        return (x32 * self.cos + rotated * self.sin).to(x.dtype)
 
 
 class Attention(nn.Module):

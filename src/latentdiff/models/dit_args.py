@@ -60,3 +60,23 @@ def check_dit_args(
             f"model.guidance_channels={guidance_channels} must be null (all) or between 1 and the latent channels "
             f"{in_channels} (3: the official DiT sampling)"
         )
+
+
+def check_dit_objective(model: Any, objective_kind: str) -> None:
+    """Check that a DiT's time convention and variance head fit the run's objective (its `Objective.kind`).
+
+    Raises:
+        ValueError: one line naming the key, the value and what to set.
+    """
+    flow = objective_kind == "flow-matching"
+    convention = model.get("time_convention", "dit")
+    if convention == "sit" and not flow:
+        raise ValueError(
+            "model.time_convention=sit feeds the network SiT's flow time, but the objective is "
+            f"{objective_kind}; use diffusion=flow (or flow_logit_normal), or model.time_convention=dit"
+        )
+    if flow and convention == "dit" and model.get("learn_sigma"):
+        raise ValueError(
+            "model.learn_sigma=true adds variance channels that the flow objective never trains; set "
+            "model.learn_sigma=false, or model.time_convention=sit (SiT: its unused channels, for official weights)"
+        )

@@ -50,6 +50,8 @@ def _check_kwargs(cls: type[ModelMixin], kwargs: dict[str, Any]) -> dict[str, An
     head_dim = get("attention_head_dim") if cls.__name__ == "UNet2DModel" else None  # the 2D UNet's head width
     if isinstance(head_dim, int):
         attended = [c for c, kind in zip(channels, get("down_block_types"), strict=False) if kind.startswith("Attn")]
+        ups = zip(reversed(channels), get("up_block_types"), strict=False)
+        attended += [c for c, kind in ups if kind.startswith("Attn")]
         attended += [channels[-1]] if get("add_attention") else []  # the middle block's attention
         if any(c % head_dim for c in attended):
             raise ValueError(

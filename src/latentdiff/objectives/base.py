@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from latentdiff.models.contract import Backbone
+from latentdiff.models.contract import Backbone, learns_variance
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -134,8 +134,13 @@ class DenoisingObjective(Objective):
         pred = out[:, : x0.shape[1]]  # (B, C, h, w): the prediction of the target
         mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
         loss = self.loss_weight(t) * mse  # (B,)
-        if out.shape[1] > x0.shape[1]:  # a backbone that learns its variance (`Backbone.learns_variance`)
+        if learns_variance(model):  # 2C channels: the prediction, then the variance values
             loss = loss + self.variance_loss(pred, out[:, x0.shape[1] :], x0, x_t, t)  # (B,)
+        elif out.shape[1] != x0.shape[1]:
+            raise ValueError(
+                f"the backbone returns {out.shape[1]} channels for {x0.shape[1]}-channel latents; set its output "
+                "channels to the data's (data.latent_channels)"
+            )
         return loss.mean(), mse.detach()
 
     def variance_loss(

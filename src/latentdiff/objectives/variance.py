@@ -1,8 +1,9 @@
 """Learned variance (Nichol & Dhariwal 2021, "Improved DDPM"; trained so by ADM and DiT): the variational-bound
 term of the hybrid loss.
 
-A backbone with `learns_variance` returns 2C channels: its usual prediction, then values v in [-1, 1] that place
-the reverse step's log-variance between the two bounds of DDPM,
+A backbone with `learns_variance` returns 2C channels: its usual prediction, then values v (its raw output, not
+clamped, as ADM; v in [-1, 1] spans the two bounds) that place the reverse step's log-variance between the two
+bounds of DDPM,
 
     log sigma_t^2 = frac * log beta_t + (1 - frac) * log beta~_t,   frac = (v + 1) / 2,
     beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)      (the posterior variance; clipped at t = 0
@@ -24,7 +25,7 @@ import math
 
 import torch
 
-LEARNED_VARIANCE = ("learned", "learned_range")  # diffusers' `variance_type`s that read the backbone's variance
+LEARNED_VARIANCE = ("learned_range",)  # diffusers' `variance_type` that reads the learned variance as trained here
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,7 @@ class LearnedVariance:
 
     def __init__(self, scheduler, prediction_type: str):
         self.prediction_type = prediction_type
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         betas = scheduler.betas.double()
         alpha_bar = scheduler.alphas_cumprod.double()
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
@@ -71,7 +73,11 @@ class LearnedVariance:
         self.coef_xt = (1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar)
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(like.device)[t].float().view(-1, *[1] * (like.dim() - 1))  # (B, 1, ..., 1)
+        """values[t] as (B, 1, ..., 1) float32 on `like`'s device (each table is copied there once)."""
+        key = (id(values), like.device)
+        if key not in self._on_device:
+            self._on_device[key] = values.float().to(like.device)
+        return self._on_device[key][t].view(-1, *[1] * (like.dim() - 1))
 
     def log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log sigma_t^2 from the variance values v (B, C, h, w) at integer timesteps t (B,)."""

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import OmegaConf
 
 from latentdiff.errors import ConfigError
+from latentdiff.models.dit_args import check_dit_objective
 from latentdiff.objectives import OBJECTIVES, Objective, objective_for
 from latentdiff.objectives.variance import LEARNED_VARIANCE
 from latentdiff.renames import canonical_target
@@ -91,6 +92,8 @@ def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None
     try:
         check_fits(objective, scheduler, OmegaConf.select(cfg, "diffusion.scheduler", default=None) or {}, sampler_key)
         check_variance(cfg, sampler_key)
+        if canonical_target(OmegaConf.select(cfg, "model._target_", default="")) == "latentdiff.models.dit.DiT":
+            check_dit_objective(OmegaConf.select(cfg, "model"), objective.kind)
         objective.check_config(cfg)
         check_options = OPTION_CHECKS.get(objective.input_kind)
         if check_options is not None:
@@ -107,16 +110,24 @@ def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None
 
 
 def check_variance(cfg: Any, sampler_key: str = "sampler.scheduler") -> None:
-    """Refuse a sampler that reads a learned variance (`variance_type=learned_range`) for a backbone that has none.
+    """Refuse a sampler that reads a learned variance (`variance_type=learned_range`) for a backbone that learns
+    none, and diffusers' `learned`, which reads the variance itself (the backbones learn Improved DDPM's range).
 
     Raises:
         ValueError: naming the key, the value and what to set.
     """
     variance = OmegaConf.select(cfg, f"{sampler_key}.variance_type", default=None)
-    if variance in LEARNED_VARIANCE and not OmegaConf.select(cfg, "model.learn_sigma", default=False):
+    if variance == "learned":
+        raise ValueError(
+            f"{sampler_key}.variance_type=learned reads the variance itself, but a backbone learns Improved DDPM's "
+            "interpolation between the variance bounds; use learned_range (sampler=ddpm_learned)"
+        )
+    model = OmegaConf.select(cfg, "model", default=None) or {}
+    learns = bool(model.get("learn_sigma")) and model.get("time_convention", "dit") != "sit"
+    if variance in LEARNED_VARIANCE and not learns:
         raise ValueError(
             f"{sampler_key}.variance_type={variance} reads a learned variance, but the backbone learns none; "
-            "use a model with model.learn_sigma=true (DiT), or another sampler (sampler=ddpm, ddim, dpm_solver)"
+            "use a DiT with model.learn_sigma=true (and DDPM time), or another sampler (sampler=ddpm, ddim, dpm_solver)"
         )
 
 

@@ -45,8 +45,8 @@ class FlowMatchSDEScheduler(SchedulerMixin, ConfigMixin):
         diffusion_norm: float = 1.0,
         last_step_size: float = 0.04,
     ):
-        if not 0.0 <= last_step_size < 1.0:
-            raise ValueError(f"sampler.scheduler.last_step_size={last_step_size} must be in [0, 1)")
+        if not 0.0 < last_step_size < 1.0:  # at s = 1 the score divides by 1 - s = 0
+            raise ValueError(f"sampler.scheduler.last_step_size={last_step_size} must be in (0, 1)")
         if diffusion_norm < 0:
             raise ValueError(f"sampler.scheduler.diffusion_norm={diffusion_norm} must be >= 0")
         self.s = torch.zeros(0)
