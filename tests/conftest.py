@@ -27,7 +27,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 CONF_DIR = ROOT / "conf"
 
 # A run small enough for a unit test on 2 CPU cores. It keeps a Gaussian objective and sampler (the quickstart
-# trains rectified flow), so the tests cover the DDPM-scheduler path; flow has its own tests.
+# trains rectified flow), so the tests cover the DDPM-scheduler path; flow has its own tests. Its group choices
+# beat an experiment's `override /...`: `[*TINY_RUN, "experiment=X"]` needs X's objective and sampler named again.
 TINY_RUN = [
     "model=uvit_tiny",
     "diffusion=cosine_v",

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from latentdiff.autoencoder import FrozenAutoencoderKL
 from latentdiff.data import LatentDataModule, LatentStore
+from latentdiff.errors import ConfigError
 from latentdiff.sample import run_sampling
 from latentdiff.train import run_training
 from latentdiff.verify import main as verify_main
@@ -44,6 +45,15 @@ def test_sample_py_on_a_legacy_checkpoint_makes_the_same_images(name, tmp_path):
     # the float sampling loop may round an 8-bit value the other way on another CPU: one level at most
     assert np.abs(made["arr_0"].astype(int) - expected["arr_0"].astype(int)).max() <= 1
     assert len({image.tobytes() for image in expected["arr_0"]}) == 6  # the reference is not a constant image
+
+
+def test_a_legacy_quickstart_run_under_todays_defaults_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY / "uvit_run", run)
+    cfg = compose_config([*EXPECTED["uvit_run"], "trainer.max_steps=3", f"resume={run}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"was trained with another configuration: diffusion\._target_") as err:
+        run_training(cfg)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
