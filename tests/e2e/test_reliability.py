@@ -147,9 +147,13 @@ def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoi
     assert all(torch.isfinite(v.float()).all() for v in step[6].values())
 
 
-@pytest.mark.parametrize(("model", "folder"), [("uvit_tiny", "transformer"), ("unet_tiny", "unet")])
-def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model, folder):
-    from diffusers import DDPMScheduler
+@pytest.mark.parametrize(
+    ("model", "folder", "flow"),
+    [("uvit_tiny", "transformer", False), ("unet_tiny", "unet", False), ("uvit_tiny", "transformer", True)],
+    ids=["uvit", "unet", "uvit-flow (the quickstart's objective)"],
+)
+def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model, folder, flow):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from latentdiff.export import export, load_exported
     from latentdiff.models.build import build_backbone
@@ -157,7 +161,8 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
 
     from ..conftest import TINY_RUN
 
-    cfg = compose_cfg([*TINY_RUN, f"model={model}"])
+    objective = ["diffusion=flow_logit_normal", "sampler=flow_euler"] if flow else []
+    cfg = compose_cfg([*TINY_RUN, f"model={model}", *objective])
     run = Path(run_training(cfg)["run_dir"])
     record = export(run / "last.ckpt", tmp_path / "export")
     out = tmp_path / "export"
@@ -176,10 +181,13 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
             assert torch.equal(load_exported(source)(x, t, y), expected), source
             again = OmegaConf.create({**OmegaConf.to_container(cfg.model, resolve=True), "pretrained": str(source)})
             assert torch.equal(build_backbone(again).eval()(x, t, y), expected), source
-    assert (
-        DDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type
-        == cfg.diffusion.scheduler.prediction_type
-    )
+    if flow:  # the flow run's training scheduler, as diffusers reads it
+        assert FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler").config.shift == 1.0
+    else:
+        assert (
+            DDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type
+            == cfg.diffusion.scheduler.prediction_type
+        )
     if folder == "unet":
         from diffusers import UNet2DModel
 

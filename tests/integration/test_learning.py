@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
 from latentdiff.train import build_module, run_training
 
 
-def test_quickstart_loss_falls_on_held_out_noise_levels(compose_cfg):
-    # the quickstart experiment as it is, shortened to 150 steps of batch 32
+@pytest.mark.parametrize(
+    "objective", [[], ["diffusion=cosine_v", "sampler=dpm_solver"]], ids=["flow (the quickstart's)", "v-prediction"]
+)
+def test_quickstart_loss_falls_on_held_out_noise_levels(compose_cfg, objective):
+    # the quickstart experiment as it is (and on a Gaussian objective), shortened to 150 steps of batch 32
     cfg = compose_cfg(
         [
+            *objective,
             "trainer.max_steps=150",
             "trainer.val_check_interval=75",
             "trainer.limit_val_batches=2",
