@@ -148,8 +148,17 @@ def _curves(rows: list[RunRow], path: Path) -> bool:
     if not runs:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    groups = sweep_seeds.by_setting(runs)  # one colour per setting, one line style per seed of a setting
+    setting_of = {path: i for i, g in enumerate(groups) for path in g.runs}
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    seeded = sweep_seeds.is_seeded(runs)
     for r in runs:
-        ax.plot([s for s, _ in r.curve], [v for _, v in r.curve], marker="o", markersize=3, label=r.label)
+        i = setting_of[r.path]
+        seed_index = groups[i].runs.index(r.path)
+        style = ("-", "--", ":", "-.")[seed_index % 4] if seeded else "-"
+        label = f"{groups[i].label}, seed={r.seed}" if seeded else r.label
+        xs, ys = [s for s, _ in r.curve], [v for _, v in r.curve]
+        ax.plot(xs, ys, style, color=colours[i % len(colours)], marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (EMA when logged)")
     ax.set_yscale("log")

@@ -202,9 +202,12 @@ def read_runs(dirs: list[Path]) -> list[RunRow]:
     runs = find_runs(dirs)
     configs = [OmegaConf.to_container(OmegaConf.load(r / "config.yaml")) for r in runs]
     swept = _swept(runs, configs)
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # several multirun dirs number their jobs alike: name the dir too
+        names = [f"{r.parent.name}/{r.name}" for r in runs]
     costs: dict[str, Any] = {}
     rows = []
-    for run, config, axes in zip(runs, configs, swept, strict=True):
+    for run, name, config, axes in zip(runs, names, configs, swept, strict=True):
         key = json.dumps([config.get("model"), config.get("data", {}).get("latent_size")], sort_keys=True)
         if key not in costs:
             costs[key] = config_cost(OmegaConf.create(config))
@@ -220,7 +223,7 @@ def read_runs(dirs: list[Path]) -> list[RunRow]:
         curve = _series(metrics, "val/loss_ema") or _series(metrics, "val/loss")
         rows.append(
             RunRow(
-                run=run.name,
+                run=name,
                 path=str(run),
                 swept=axes,
                 model=cost.model,
