@@ -1,17 +1,22 @@
-"""`python -m latentdiff.export ckpt=<run>/last.ckpt out=<dir>`: a checkpoint's backbone as safetensors files.
+"""`python -m latentdiff.export ckpt=<run>/last.ckpt out=<dir>`: a checkpoint's backbone as a folder that latentdiff
+and diffusers load.
 
     out/
+      latentdiff.json             the run: its config (model, vae, diffusion, sampler, data, module), the step, which
+                                  weights (EMA or raw), the versions
       backbone.safetensors        the backbone's weights in one file; its metadata holds the model config
-      model_index.json            a diffusers-style index: which folder holds what, and the run's config
-      unet/ | transformer/        config.json + diffusion_pytorch_model.safetensors (the UNets and UVit2D: a
-                                  real diffusers folder, `UNet2DModel.from_pretrained(out, subfolder="unet")`,
-                                  `UVit2DModel.from_pretrained(out, subfolder="transformer")`; UVit2D's class
-                                  tables are only in backbone.safetensors)
-      scheduler/                  the training noise schedule (`DDPMScheduler.from_pretrained(out, ...)`, or
-                                  `FlowMatchEulerDiscreteScheduler` for a flow run: scheduler_config.json names it)
+      model_index.json            the diffusers pipeline (`export_pipeline`): `DiTPipeline`, or `LatentdiffPipeline`
+      pipeline_latentdiff.py        with the one-line file that imports it; none for text and VQ-token runs
+      unet/ | transformer/        the backbone as a diffusers model: `UNet2DModel`, `UNet2DConditionModel`,
+                                  `UVit2DModel`, `DiTTransformer2DModel` (DiTPipeline), else `LatentdiffBackbone`
+      vae/                        the run's `AutoencoderKL`, its `scaling_factor` the run's (latent runs)
+      scheduler/                  the training noise schedule (`DiTPipeline`: the run's sampler)
+
+    DiffusionPipeline.from_pretrained(out, trust_remote_code=True)(class_labels=[1, 2], seed=0).images
 
 `model.pretrained=out/backbone.safetensors` or `model.pretrained=out` loads the weights into a run, a sample
-job or `load_exported(out)`; every way gives the outputs of the checkpoint's weights exactly.
+job or `load_exported(out)`; every way gives the outputs of the checkpoint's weights exactly, and none runs a file
+of the folder.
 """
 
 from __future__ import annotations
@@ -28,16 +33,17 @@ from torch import nn
 
 from latentdiff.checkpoint import backbone_weights, load_checkpoint
 from latentdiff.errors import ConfigError, user_errors
+from latentdiff.export_pipeline import write_pipeline
 from latentdiff.models.build import build_backbone
 from latentdiff.models.contract import Backbone
-from latentdiff.models.weights import load_pretrained
-from latentdiff.trust import build, check_stored
+from latentdiff.models.weights import EXPORT_RECORD, load_pretrained
+from latentdiff.trust import check_stored
 from latentdiff.utils import framework_versions
 from latentdiff.validation import check_config
 
 log = logging.getLogger(__name__)
 
-INDEX = "model_index.json"
+RECORD = EXPORT_RECORD  # the run an export folder holds (model_index.json is the diffusers pipeline's)
 
 
 def checkpoint_backbone(ckpt: dict[str, Any], use_ema: bool = True, where: str = "ckpt") -> tuple[nn.Module, dict, str]:
@@ -67,55 +73,46 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     backbone, model_cfg, weights = checkpoint_backbone(ckpt, use_ema, where)
     config = ckpt["latentdiff"]["config"]
     record = {
-        "_class_name": "LatentdiffPipeline",
-        "_latentdiff": {
-            "source": str(Path(ckpt_path).resolve()),
-            "step": int(ckpt.get("global_step", 0)),
-            "weights": weights,
-            "config": {k: config.get(k) for k in ("model", "vae", "diffusion", "sampler", "data", "module")},
-            "versions": framework_versions(),
-        },
+        "source": str(Path(ckpt_path).resolve()),
+        "step": int(ckpt.get("global_step", 0)),
+        "weights": weights,
+        "config": {k: config.get(k) for k in ("model", "vae", "diffusion", "sampler", "data", "module")},
+        "versions": framework_versions(),
     }
-    record["_latentdiff"]["config"]["model"] = model_cfg
-    diffusion = config.get("diffusion") or {}
-    scheduler = build(diffusion["scheduler"], where, "diffusion.scheduler") if diffusion.get("scheduler") else None
+    record["config"]["model"] = model_cfg
     tmp = out.with_name(f".{out.name}.tmp-export")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, backbone, model_cfg, scheduler, record)
+        _write(tmp, backbone, record, where)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    log.info("exported %s weights of %s (step %d) to %s", weights, ckpt_path, record["_latentdiff"]["step"], out)
+    log.info("exported %s weights of %s (step %d) to %s", weights, ckpt_path, record["step"], out)
     return record
 
 
-def _write(tmp: Path, backbone: Backbone, model_cfg: dict, scheduler: Any, record: dict) -> None:
-    """The export folder's files, into `tmp`; `record` gets the entry of each component."""
+def _write(tmp: Path, backbone: Backbone, record: dict, where: str) -> None:
+    """The export folder's files, into `tmp`."""
+    model_cfg = record["config"]["model"]
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(tmp / "backbone.safetensors"), metadata={"latentdiff_model": json.dumps(model_cfg)})
-    folder = backbone.export_folder
-    record[folder] = list(backbone.save_diffusers(tmp / folder, model_cfg))
-    if scheduler is not None:
-        scheduler.save_pretrained(tmp / "scheduler")
-        record["scheduler"] = ["diffusers", type(scheduler).__name__]
-    (tmp / INDEX).write_text(json.dumps(record, indent=2))
+    write_pipeline(tmp, backbone, model_cfg, record["config"], where)
+    (tmp / RECORD).write_text(json.dumps(record, indent=2))
 
 
 def load_exported(path: str | Path) -> nn.Module:
     """The backbone of an export folder or `backbone.safetensors`, built from the config stored with it."""
     path = Path(path)
     if path.is_dir():
-        index = path / INDEX
-        if not index.is_file():
-            raise ConfigError(f"{path} holds no {INDEX}; export a checkpoint with `python -m latentdiff.export`")
-        where = f"{path}/{INDEX}"
-        model_cfg = _stored_model(lambda: json.loads(index.read_text())["_latentdiff"]["config"]["model"], where)
+        where, read = export_record(path)
+        if read is None:
+            raise ConfigError(f"{path} holds no {RECORD}; export a checkpoint with `python -m latentdiff.export`")
+        model_cfg = _stored_model(lambda: read()["config"]["model"], where)
     else:
         from safetensors import safe_open
 
@@ -130,6 +127,17 @@ def load_exported(path: str | Path) -> nn.Module:
     backbone = build_backbone(dict(model_cfg, pretrained=None), where)
     load_pretrained(backbone, path)
     return backbone.eval()
+
+
+def export_record(folder: Path) -> tuple[str, Any]:
+    """Where an export folder's run record is and a function reading it (None: not an export): `latentdiff.json`,
+    or the `_latentdiff` entry of `model_index.json` in exports written before it."""
+    if (folder / RECORD).is_file():
+        return f"{folder}/{RECORD}", lambda: json.loads((folder / RECORD).read_text())
+    index = folder / "model_index.json"
+    if index.is_file() and "_latentdiff" in index.read_text():
+        return f"{index}", lambda: json.loads(index.read_text())["_latentdiff"]
+    return f"{folder}/{RECORD}", None
 
 
 def _stored_model(read: Any, where: str) -> dict:

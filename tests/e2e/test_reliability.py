@@ -166,9 +166,9 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
     run = Path(run_training(cfg)["run_dir"])
     record = export(run / "last.ckpt", tmp_path / "export")
     out = tmp_path / "export"
-    assert record["_latentdiff"]["weights"] == "ema" and record["_latentdiff"]["step"] == 3
+    assert record["weights"] == "ema" and record["step"] == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["backbone.safetensors", folder, "model_index.json", "scheduler"]
+        ["backbone.safetensors", folder, "latentdiff.json", "model_index.json", "pipeline_latentdiff.py", "scheduler"]
     )
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     ema = {k[len("ema.model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
@@ -193,5 +193,28 @@ def test_export_round_trip_gives_identical_outputs(compose_cfg, tmp_path, model,
 
         unet = UNet2DModel.from_pretrained(out, subfolder="unet")  # a plain diffusers folder
         assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.unet.state_dict().values()))
+    _pipeline_draws_what_sample_py_draws(run, out, tmp_path)
     with pytest.raises(ConfigError, match="exists and is not empty"):
         export(run / "last.ckpt", out)
+
+
+def _pipeline_draws_what_sample_py_draws(run: Path, out: Path, tmp_path: Path) -> None:
+    """`DiffusionPipeline.from_pretrained(export, trust_remote_code=True)` gives sample.py's images, pixel for pixel."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from latentdiff.sample import run_sampling
+
+    from ..conftest import compose_entry
+
+    args = [f"ckpt={run / 'last.ckpt'}", "num_samples=4", "labels=balanced", f"out={tmp_path / 'samples'}"]
+    run_sampling(compose_entry("sample", args), args)
+    npz = np.load(tmp_path / "samples" / "samples.npz")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(out)  # the folder's code runs only when the user says so
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe).__name__ == "LatentdiffPipeline"
+    images = pipe(class_labels=npz["arr_1"].tolist(), seed=0, output_type="np").images
+    assert images.dtype == np.uint8 and np.array_equal(images, npz["arr_0"])
+    pil = pipe(class_labels=[int(npz["arr_1"][1])], seed=0).images  # index 0 of another batch: another image
+    assert pil[0].size == (32, 32) and np.array_equal(np.asarray(pil[0]), npz["arr_0"][0]) is False

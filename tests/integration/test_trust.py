@@ -135,12 +135,12 @@ def _exported(real_ckpt: Path, out: Path) -> Path:
 def test_an_export_whose_metadata_names_code_is_refused(real_ckpt, tmp_path):
     marker = tmp_path / "marker"
     folder = _exported(real_ckpt, tmp_path / "export")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["_latentdiff"]["config"]["model"] = pickle_node(marker) | {"f": {"_target_": "io.StringIO"}}
-    (folder / "model_index.json").write_text(json.dumps(index))
+    record = json.loads((folder / "latentdiff.json").read_text())
+    record["config"]["model"] = pickle_node(marker) | {"f": {"_target_": "io.StringIO"}}
+    (folder / "latentdiff.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError) as err:
         load_exported(folder)
-    assert str(err.value).startswith(f"{folder}/model_index.json: model._target_='torch.load' is not a class")
+    assert str(err.value).startswith(f"{folder}/latentdiff.json: model._target_='torch.load' is not a class")
     assert "\n" not in str(err.value) and not marker.exists()
 
     from safetensors.torch import load_file, save_file
@@ -195,5 +195,28 @@ def test_a_checkpoint_with_the_old_objective_name_exports_under_the_new_one(real
     ckpt["latentdiff"]["config"]["diffusion"]["_target_"] = old
     torch.save(ckpt, tmp_path / "old.ckpt")
     export(tmp_path / "old.ckpt", tmp_path / "export")
-    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
-    assert index["_latentdiff"]["config"]["diffusion"]["_target_"] == current
+    record = json.loads((tmp_path / "export" / "latentdiff.json").read_text())
+    assert record["config"]["diffusion"]["_target_"] == current
+
+
+def test_a_pipeline_whose_configs_name_code_is_refused(real_ckpt, tmp_path):
+    """The export's diffusers pipeline builds its backbone and sampler from the allow-list too: a crafted
+    `transformer/config.json` or `model_index.json` is refused in one line and runs nothing."""
+    from diffusers import DiffusionPipeline
+
+    marker = tmp_path / "marker"
+    folder = _exported(real_ckpt, tmp_path / "export")
+    config_file, index_file = folder / "transformer" / "config.json", folder / "model_index.json"
+    config, index = json.loads(config_file.read_text()), json.loads(index_file.read_text())
+    torch.save(Touch(marker), tmp_path / "payload.pt")
+    load_payload = {"_target_": "torch.load", "f": str(tmp_path / "payload.pt"), "weights_only": False}
+    config_file.write_text(json.dumps({**config, "model": load_payload}))
+    with pytest.raises(ConfigError, match=r"the export's config\.json: model\._target_='torch\.load' is not a class"):
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    config_file.write_text(json.dumps(config))
+    index["sampling"]["sampler"]["scheduler"] = open_node(marker)
+    index_file.write_text(json.dumps(index))
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ConfigError, match=r"model_index\.json: sampler\.scheduler\._target_='builtins\.open'"):
+        pipe(class_labels=[0], num_inference_steps=2)
+    assert not marker.exists()

@@ -10,7 +10,9 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from latentdiff.models.dit import DiT
+from latentdiff.models.dit_diffusers import save_transformer
 from latentdiff.models.weights import load_pretrained
+from latentdiff.pipeline import LatentdiffBackbone
 
 ARGS = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=3)
 
@@ -34,7 +36,7 @@ def _dit_frequencies(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_export_loads_in_diffusers_and_back(tmp_path, learn_sigma):
     model, cfg = _dit(learn_sigma=learn_sigma)
-    assert model.save_diffusers(tmp_path / "transformer", cfg) == ("diffusers", "DiTTransformer2DModel")
+    save_transformer(model.state_dict(), cfg, tmp_path / "transformer")
     theirs = DiTTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 250, 999]), torch.tensor([0, 2, 3])
     with torch.no_grad():
@@ -49,10 +51,16 @@ def test_export_loads_in_diffusers_and_back(tmp_path, learn_sigma):
         torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_a_dit_diffusers_cannot_hold_keeps_its_own_folder(tmp_path):
-    model, cfg = _dit(swiglu=True)
-    assert model.save_diffusers(tmp_path / "transformer", cfg) == ("latentdiff.models.dit", "DiT")
-    assert json.loads((tmp_path / "transformer" / "config.json").read_text())["swiglu"] is True
+@pytest.mark.parametrize("options", [{"swiglu": True}, {}], ids=["lightningdit", "dit"])
+def test_a_dit_exports_as_a_latentdiff_backbone_that_diffusers_loads_exactly(tmp_path, options):
+    """Every DiT's own export folder (LightningDiT's switches included) is a diffusers model with DiT's outputs."""
+    model, cfg = _dit(**options)
+    assert model.save_diffusers(tmp_path / "transformer", cfg) == ("latentdiff_backbone", "LatentdiffBackbone")
+    assert json.loads((tmp_path / "transformer" / "config.json").read_text())["model"] == cfg
     back = DiT(**{k: v for k, v in cfg.items() if k != "_target_"})
     load_pretrained(back, tmp_path / "transformer")
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    theirs = LatentdiffBackbone.from_pretrained(tmp_path / "transformer").eval()  # as diffusers loads it
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 250, 999]), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        assert torch.equal(theirs(x, t, y), model(x, t, y))

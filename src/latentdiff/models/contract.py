@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights file of a diffusers model folder
+BACKBONE_CLASS = "LatentdiffBackbone"  # `latentdiff.pipeline`'s diffusers model of a backbone diffusers lacks
+BACKBONE_MODULE = "latentdiff_backbone"  # the file in its export folder through which diffusers imports it
+WRAPPED = "backbone"  # the attribute of `LatentdiffBackbone` that holds the backbone (its weights' prefix)
 
 
 class Backbone(nn.Module):
@@ -63,20 +66,25 @@ class Backbone(nn.Module):
         """Raise one line when a store's text features (its `text` record) do not fit this backbone."""
 
     def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
-        """Write this backbone's folder of an export: its constructor arguments (`config.json`) and weights.
+        """Write this backbone's folder of an export. The default: a `pipeline.LatentdiffBackbone` folder (what its
+        `save_pretrained` writes: `config.json` holding the model config, the weights under `backbone.`) and the
+        one-line file through which diffusers imports that class (`trust_remote_code=True`).
 
         Returns:
             the (library, class) entry of `model_index.json`.
         """
+        import diffusers
         from safetensors.torch import save_file
 
         folder.mkdir()
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS))
-        arguments = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
-        record = {"_class_name": type(self).__name__, "_target_": model_cfg["_target_"], **arguments}
+        state = {f"{WRAPPED}.{k}": v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        model = {k: v for k, v in model_cfg.items() if k != "pretrained"}
+        record = {"_class_name": BACKBONE_CLASS, "_diffusers_version": diffusers.__version__, "model": model}
         (folder / "config.json").write_text(json.dumps(record, indent=2))
-        return type(self).__module__, type(self).__name__
+        stub = f"from latentdiff.pipeline import {BACKBONE_CLASS}  # noqa: F401\n"
+        (folder / f"{BACKBONE_MODULE}.py").write_text(stub)
+        return BACKBONE_MODULE, BACKBONE_CLASS
 
     def load_diffusers(
         self, folder: Path, key: str = "model.pretrained", value: str | None = None
@@ -85,7 +93,16 @@ class Backbone(nn.Module):
         for the message)."""
         from latentdiff.models.weights import read_state_dict
 
-        return read_state_dict(folder / WEIGHTS, key)
+        state = read_state_dict(folder / WEIGHTS, key)
+        prefix = f"{WRAPPED}."
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+        return state
+
+    def wrap_exported(self, module: nn.Module) -> None:
+        """Make `module`, the diffusers model that `save_diffusers` wrote and diffusers loaded, this backbone's
+        network (its weights shared; the pipeline of an export builds this wrapper on the meta device)."""
+        raise TypeError(f"{type(self).__name__} is exported as a {BACKBONE_CLASS}; it wraps no diffusers model")
 
 
 def guided_channels(model: Any, channels: int) -> int:

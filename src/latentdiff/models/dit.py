@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from torch import nn
 
 from latentdiff.models.contract import WEIGHTS, Backbone
 from latentdiff.models.dit_args import check_dit_args
-from latentdiff.models.dit_diffusers import diffusers_config, diffusers_problem, from_diffusers, to_diffusers
+from latentdiff.models.dit_diffusers import from_diffusers
 from latentdiff.models.uvit import timestep_embedding
 
 FREQUENCY_DIM = 256  # the sinusoidal time embedding's width before the MLP (official)
@@ -350,22 +349,11 @@ class DiT(Backbone):
             return -out[:, :C]  # variance channels (its `learn_sigma` channels are never trained)
         return out
 
-    def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
-        """A diffusers `DiTTransformer2DModel` folder where the class holds this DiT (`dit_diffusers`), else the
-        contract's folder of this class's own config and weights."""
-        if diffusers_problem(model_cfg) is not None:
-            return super().save_diffusers(folder, model_cfg)
-        from diffusers import DiTTransformer2DModel
-
-        model = DiTTransformer2DModel(**diffusers_config(model_cfg))
-        model.load_state_dict(to_diffusers(self.state_dict(), len(self.blocks)), strict=True)
-        model.save_pretrained(folder, safe_serialization=True)
-        return "diffusers", "DiTTransformer2DModel"
-
     def load_diffusers(
         self, folder: Path, key: str = "model.pretrained", value: str | None = None
     ) -> dict[str, torch.Tensor]:
-        """The state dict of a `DiTTransformer2DModel` folder (or of the contract's own folder), keyed for this DiT."""
+        """The state dict of a `DiTTransformer2DModel` folder (`dit_diffusers`; what a `DiTPipeline` export holds) or
+        of the contract's own folder, keyed for this DiT."""
         from latentdiff.models.weights import read_state_dict
 
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}

@@ -13,6 +13,7 @@ difference). `tests/unit/test_dit_diffusers.py` shows that this is the only diff
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,3 +103,13 @@ def from_diffusers(state: dict[str, torch.Tensor], depth: int, pos_embed: torch.
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts)
     out["y_embedder.embedding_table.weight"] = state[f"{first}.norm1.emb.class_embedder.embedding_table.weight"]
     return out
+
+
+def save_transformer(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], folder: Path) -> None:
+    """Write a DiT's weights (`state`, of a DiT with config `model_cfg`; `diffusers_problem` is None) as a diffusers
+    `DiTTransformer2DModel` folder."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(**diffusers_config(model_cfg))
+    model.load_state_dict(to_diffusers(state, int(model_cfg["depth"])), strict=True)
+    model.save_pretrained(folder, safe_serialization=True)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
+from torch import nn
 
 from latentdiff.models.contract import Backbone
 from latentdiff.utils import artefact_not_loaded
@@ -110,6 +111,14 @@ class _DiffusersUNet(Backbone):
         """An ordinary diffusers folder of the wrapped UNet (what `diffusers.<class>.from_pretrained` reads)."""
         self.unet.save_pretrained(folder, safe_serialization=True)
         return "diffusers", type(self.unet).__name__
+
+    def wrap_exported(self, module: nn.Module) -> None:
+        """Wrap the diffusers UNet that an export's pipeline loaded (with this wrapper's options)."""
+        if not isinstance(module, self.diffusers_cls):
+            wanted, got = self.diffusers_cls.__name__, type(module).__name__
+            raise TypeError(f"{type(self).__name__} wraps a {wanted}, not a {got}")
+        self.unet = module
+        self._set_options(module, False)
 
     def load_diffusers(
         self, folder: Path, key: str = "model.pretrained", value: str | None = None

@@ -12,6 +12,7 @@ from torch import nn
 from latentdiff.checkpoint import backbone_weights, read_torch_file
 
 _OFFICIAL_WEIGHTS = "https://github.com/baofff/U-ViT#pretrained-models"
+EXPORT_RECORD = "latentdiff.json"  # the run an export folder of `latentdiff.export` holds
 
 
 def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str, torch.Tensor]:
@@ -73,9 +74,10 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
     path = Path(pretrained)
     name = type(backbone).__name__
     index = path / "model_index.json"
-    if path.is_dir() and index.is_file():
-        if "_latentdiff" in json.loads(index.read_text()):  # an export folder (latentdiff.export): the whole
-            path = path / "backbone.safetensors"  # backbone (UVit2D's class tables too)
+    if path.is_dir() and ((path / EXPORT_RECORD).is_file() or index.is_file()):
+        if (path / EXPORT_RECORD).is_file() or "_latentdiff" in json.loads(index.read_text()):  # an export folder
+            path = path / "backbone.safetensors"  # (latentdiff.export; older ones: model_index.json): the whole
+            # backbone (UVit2D's class tables too)
         else:  # a diffusers pipeline folder (e.g. amused/amused-256): its denoiser
             path = path / backbone.export_folder
         if not path.exists():
