@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from latentdiff.latent_norm import model_latents, read_latents_stats, vae_latents
+from latentdiff.ldm_vae import load_ldm_vae
 from latentdiff.utils import artefact_not_loaded
 
 DTYPES = {  # the dtype names a config may give (vae.dtype, text_encoder.dtype)
@@ -116,15 +118,18 @@ class IdentityAutoencoder(Autoencoder):
 
 
 class FrozenAutoencoderKL(Autoencoder):
-    """A frozen diffusers `AutoencoderKL` (e.g. `stabilityai/sd-vae-ft-ema`) that owns its scaling factor.
+    """A frozen diffusers `AutoencoderKL` (e.g. `stabilityai/sd-vae-ft-ema`) that owns its latent normalisation.
 
     Args:
-        pretrained: hub id or local folder written by `save_pretrained`.
+        pretrained: hub id or local folder written by `save_pretrained`; with `ldm`, a checkpoint file.
         subfolder: folder inside `pretrained` (e.g. "vae" for a full Stable Diffusion repo).
         scaling_factor: overrides `vae.config.scaling_factor` (U-ViT's COCO models use 0.23010).
         dtype: weights and compute dtype ("float32", "float16", "bfloat16").
         downsample_factor, latent_channels: the shape facts the config declares (the data config reads
             them); checked against the loaded VAE.
+        ldm: the LDM `ddconfig` of a checkpoint in the LDM layout (`latentdiff.ldm_vae`; LightningDiT's VA-VAE).
+        latents_stats: a torch file of channel-wise `mean` and `std` (1, C, 1, 1) of the latents (LightningDiT's
+            `latents_stats.pt`): latents are `(z - mean) / std * scaling_factor`, decoded back the same way.
     """
 
     def __init__(
@@ -135,12 +140,17 @@ class FrozenAutoencoderKL(Autoencoder):
         dtype: str = "float32",
         downsample_factor: int | None = None,
         latent_channels: int | None = None,
+        ldm: dict | None = None,
+        latents_stats: str | None = None,
     ):
         super().__init__()
         from diffusers import AutoencoderKL
 
         self.dtype = _dtype(dtype)
-        vae = _from_pretrained(AutoencoderKL, pretrained, subfolder, self.dtype)
+        if ldm:
+            vae = load_ldm_vae(pretrained, dict(ldm), self.dtype)
+        else:
+            vae = _from_pretrained(AutoencoderKL, pretrained, subfolder, self.dtype)
         self.vae = vae.eval().requires_grad_(False)
         self.pretrained = str(pretrained)
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
@@ -148,6 +158,10 @@ class FrozenAutoencoderKL(Autoencoder):
         self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         _check_declared("downsample_factor", downsample_factor, self.downsample_factor, pretrained)
         _check_declared("latent_channels", latent_channels, self.latent_channels, pretrained)
+        self.latents_stats = latents_stats
+        shift, scale = read_latents_stats(latents_stats, self.latent_channels) if latents_stats else (0.0, 1.0)
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32), persistent=False)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32), persistent=False)
 
     def train(self, mode: bool = True) -> FrozenAutoencoderKL:
         # frozen: Lightning calls .train() on the whole module at the start of each epoch
@@ -165,12 +179,13 @@ class FrozenAutoencoderKL(Autoencoder):
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of diffusers' DiagonalGaussianDistribution
         where = generator.device if generator is not None else mean.device  # a CPU generator on a GPU run
         eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
-        return self.scaling_factor * (mean + std * eps)
+        return model_latents(mean + std * eps, self.scaling_factor, self.shift, self.scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, H, W) pixels in about [-1, 1], fp32."""
-        return self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        z = vae_latents(latents, self.scaling_factor, self.shift, self.scale)
+        return self.vae.decode(z.to(self.dtype)).sample.float()
 
     def describe(self) -> dict:
         """Identity of the encoder (for a latent store's metadata; see `same_encoder`).

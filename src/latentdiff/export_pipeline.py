@@ -57,8 +57,9 @@ def dit_pipeline_problem(
     problem = diffusers_problem(model_cfg)
     if problem is None and int(model_cfg.get("num_classes", 1000)) != 1000:
         problem = f"num_classes={model_cfg.get('num_classes')} (DiTPipeline's null class is ImageNet's, 1000)"
-    if problem is None and (config.get("vae") or {}).get("_target_") != _KL:
-        problem = "no AutoencoderKL (DiTPipeline decodes latents)"
+    vae = config.get("vae") or {}
+    if problem is None and (vae.get("_target_") != _KL or vae.get("latents_stats")):
+        problem = "no AutoencoderKL with a scalar scaling factor (what DiTPipeline decodes with)"
     if problem is None and objective_for(train) is not GaussianDiffusion:
         problem = "a flow objective (DiTPipeline steps a DDPM-family scheduler)"
     return problem
@@ -99,9 +100,13 @@ def write_pipeline(
 
 
 def _save_vae(folder: Path, vae_cfg: dict[str, Any], where: str) -> str:
-    """The run's AutoencoderKL as a diffusers folder whose `scaling_factor` is the run's."""
+    """The run's AutoencoderKL as a diffusers folder whose `scaling_factor` (and `latents_mean`, `latents_std`: the
+    channel-wise statistics of `vae.latents_stats`) are the run's."""
     autoencoder = build(vae_cfg, where, "vae")
     autoencoder.vae.register_to_config(scaling_factor=autoencoder.scaling_factor)
+    if vae_cfg.get("latents_stats"):
+        mean, std = (t.flatten().tolist() for t in (autoencoder.shift, autoencoder.scale))
+        autoencoder.vae.register_to_config(latents_mean=mean, latents_std=std)
     autoencoder.vae.save_pretrained(folder, safe_serialization=True)
     return type(autoencoder.vae).__name__
 

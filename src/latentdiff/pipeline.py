@@ -27,6 +27,7 @@ from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, Model
 from diffusers.configuration_utils import register_to_config
 
 from latentdiff.autoencoder import Autoencoder
+from latentdiff.latent_norm import vae_latents
 from latentdiff.models.build import build_backbone
 from latentdiff.models.contract import Backbone
 from latentdiff.samplers.cfg import null_condition
@@ -51,7 +52,8 @@ class LatentdiffBackbone(ModelMixin, ConfigMixin):
 
 
 class _ExportedVAE(Autoencoder):
-    """The export's diffusers `AutoencoderKL` as this project's decoder: `vae.config.scaling_factor` is the run's."""
+    """The export's diffusers `AutoencoderKL` as this project's decoder: its config's `scaling_factor` (and
+    channel-wise `latents_mean`, `latents_std`) are the run's (`autoencoder.FrozenAutoencoderKL`)."""
 
     def __init__(self, vae: Any):
         super().__init__()
@@ -59,8 +61,12 @@ class _ExportedVAE(Autoencoder):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = latents / self.vae.config.scaling_factor
-        return self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
+        config, stats = self.vae.config, {}
+        if config.latents_mean is not None:
+            as_channels = lambda v: torch.tensor(v, device=latents.device).view(1, -1, 1, 1)
+            stats = {"shift": as_channels(config.latents_mean), "scale": as_channels(config.latents_std)}
+        z = vae_latents(latents, config.scaling_factor, **stats)
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
 
 class LatentdiffPipeline(DiffusionPipeline):

@@ -32,8 +32,11 @@ def vae(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
 
 
-def _latent_dit_run(real_ckpt: Path, vae: Path, path: Path, **options) -> tuple[Path, torch.nn.Module]:
-    """The tiny run's checkpoint made a DiT on the tiny VAE's 8x8x4 latents (scaling factor 0.5)."""
+def _latent_dit_run(
+    real_ckpt: Path, vae: Path, path: Path, stats: Path | None = None, **options
+) -> tuple[Path, torch.nn.Module]:
+    """The tiny run's checkpoint made a DiT on the tiny VAE's 8x8x4 latents (scaling factor 0.5; `stats`: latents
+    normalised per channel)."""
     ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
     config = ckpt["latentdiff"]["config"]
     model_cfg = {
@@ -50,6 +53,8 @@ def _latent_dit_run(real_ckpt: Path, vae: Path, path: Path, **options) -> tuple[
     config["model"] = model_cfg
     config["vae"] = {"_target_": "latentdiff.autoencoder.FrozenAutoencoderKL", "pretrained": str(vae)}
     config["vae"] |= {"scaling_factor": 0.5, "downsample_factor": 4, "latent_channels": 4}
+    if stats is not None:
+        config["vae"]["latents_stats"] = str(stats)
     config["data"] |= {"latent_channels": 4, "latent_size": 8, "image_size": 32}
     ckpt["state_dict"] = {f"ema.model.{k}": v for k, v in dit.state_dict().items()}
     torch.save(ckpt, path)
@@ -75,8 +80,16 @@ def test_a_dit_diffusers_holds_exports_as_diffusers_dit_pipeline(real_ckpt, vae,
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
 
 
-def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_py_images(real_ckpt, vae, tmp_path):
-    ckpt, _ = _latent_dit_run(real_ckpt, vae, tmp_path / "lightningdit.ckpt", swiglu=True, rmsnorm=True)
+@pytest.mark.parametrize("stats", [False, True], ids=["scaling-factor", "channel-statistics"])
+def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_py_images(
+    real_ckpt, vae, tmp_path, stats
+):
+    latents_stats = tmp_path / "latents_stats.pt" if stats else None
+    if stats:  # LightningDiT's latent normalisation (vae=vavae_f16d32): per-channel mean and std
+        torch.save(
+            {"mean": torch.tensor([0.3, -0.2, 0.1, 0.0]), "std": torch.tensor([2.0, 0.5, 1.5, 1.0])}, latents_stats
+        )
+    ckpt, _ = _latent_dit_run(real_ckpt, vae, tmp_path / "lightningdit.ckpt", latents_stats, swiglu=True, rmsnorm=True)
     out = tmp_path / "export"
     export(ckpt, out)
     index = json.loads((out / "model_index.json").read_text())
@@ -87,6 +100,7 @@ def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_
     npz = np.load(tmp_path / "samples" / "samples.npz")
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert pipe.vae.config.scaling_factor == 0.5
+    assert pipe.vae.config.latents_std == ([2.0, 0.5, 1.5, 1.0] if stats else None)
     images = pipe(class_labels=npz["arr_1"].tolist(), seed=0, output_type="np").images
     assert np.array_equal(images, npz["arr_0"])
     with pytest.raises(ValueError, match=r"class_labels must be ids in \[0, "):

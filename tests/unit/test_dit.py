@@ -19,6 +19,7 @@ import torch
 
 from latentdiff.flops import config_cost
 from latentdiff.models.dit import DiT, dit_pos_embed_2d
+from latentdiff.models.weights import load_pretrained
 
 from ..conftest import ROOT
 from ..helpers.reference import deterministic_state_dict
@@ -202,3 +203,23 @@ def test_sin_cos_positions_are_the_official_function_s():
     official = REFERENCE["official_pos_embed"]  # MAE's get_2d_sincos_pos_embed, as DiT's models.py calls it
     ours = dit_pos_embed_2d(official["dim"], official["grid"])[official["tokens"]]
     torch.testing.assert_close(ours, torch.tensor(official["rows"]), rtol=0, atol=1e-6)
+
+
+def test_a_lightningdit_training_checkpoint_loads_with_model_pretrained(tmp_path):
+    """LightningDiT's train.py saves {"model", "ema", "opt", "config"}, its state dicts with the rotary tables
+    (feat_rope.*): `model.pretrained=` takes the EMA, checks the tables against this model's and drops them."""
+    case = CASES["lightningdit_rope"]
+    tables = {k: torch.tensor(v) for k, v in REFERENCE["official_rope"].items() if k.startswith("feat_rope.")}
+    state = {**deterministic_state_dict(case["shapes"]), **tables}
+    ckpt = {"model": {}, "ema": state, "opt": {"param_groups": []}, "config": {"model": {"model_type": "x"}}}
+    torch.save(ckpt, tmp_path / "0080000.pt")
+    model = _ours(case)
+    load_pretrained(model, tmp_path / "0080000.pt")
+    x, y = reference_inputs(case["args"])
+    with torch.no_grad():
+        out = model(x, torch.tensor(case["t"]), y)
+    torch.testing.assert_close(out, torch.tensor(case["output"]).view(out.shape), rtol=0, atol=1e-5)
+    bigger = DiT(**{**case["args"], "input_size": 16}, time_convention="dit")  # another grid: other tables
+    torch.save({"ema": {**state, "pos_embed": bigger.pos_embed}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"feat_rope\.freqs_cos \(16, 16\) is not this model's \(64, 16\)"):
+        load_pretrained(bigger, tmp_path / "other.pt")

@@ -99,6 +99,11 @@ class Backbone(nn.Module):
             state = {k[len(prefix) :]: v for k, v in state.items()}
         return state
 
+    def from_official(self, state: dict[str, torch.Tensor], key: str, value: str) -> dict[str, torch.Tensor]:
+        """A weights file's state dict, less what the official code stores that this backbone computes (checked
+        equal first; `key=value` names the file in the message). The default: the state dict as it is."""
+        return state
+
     def wrap_exported(self, module: nn.Module) -> None:
         """Make `module`, the diffusers model that `save_diffusers` wrote and diffusers loaded, this backbone's
         network (its weights shared; the pipeline of an export builds this wrapper on the meta device)."""

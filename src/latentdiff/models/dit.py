@@ -349,6 +349,22 @@ class DiT(Backbone):
             return -out[:, :C]  # variance channels (its `learn_sigma` channels are never trained)
         return out
 
+    def from_official(self, state: dict[str, torch.Tensor], key: str, value: str) -> dict[str, torch.Tensor]:
+        """LightningDiT's checkpoints store the rotary tables (`feat_rope.freqs_cos/sin`, (L, head_dim), laid out as
+        `RotaryEmbedding2D`'s): checked equal to this model's, then dropped."""
+        tables = {k: v for k, v in state.items() if k.startswith("feat_rope.")}
+        if not tables or self.rope is None:
+            return state  # a model without RoPE: check_fits names the unexpected tables
+        for name, ours in (("freqs_cos", self.rope.cos), ("freqs_sin", self.rope.sin)):
+            theirs = tables.get(f"feat_rope.{name}")
+            if theirs is None or theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours, atol=1e-4):
+                got = "(missing)" if theirs is None else str(tuple(theirs.shape))
+                raise ValueError(
+                    f"{key}={value}: its rotary table feat_rope.{name} {got} is not this model's "
+                    f"{tuple(ours.shape)} (input_size / patch_size and hidden_size / num_heads decide it)"
+                )
+        return {k: v for k, v in state.items() if k not in tables}
+
     def load_diffusers(
         self, folder: Path, key: str = "model.pretrained", value: str | None = None
     ) -> dict[str, torch.Tensor]:

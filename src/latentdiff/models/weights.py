@@ -38,6 +38,8 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
     state = read_torch_file(path, key, what="weights file")  # weights_only=True, CRC-32s verified
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state, _ = backbone_weights(state["state_dict"])
+    elif isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a training checkpoint of the official
+        state = state["ema"]  # DiT, SiT or LightningDiT code ({"model", "ema", "opt", ...}): its EMA, as they sample
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{key}={path} holds no state dict of tensors")
     return state
@@ -83,5 +85,6 @@ def load_pretrained(backbone: nn.Module, pretrained: str | Path, key: str = "mod
         if not path.exists():
             raise ValueError(f"{key}={pretrained} holds no {path.name} for the configured {name}")
     state = backbone.load_diffusers(path, key, str(pretrained)) if path.is_dir() else read_state_dict(path, key)
+    state = backbone.from_official(state, key, str(pretrained))
     check_fits(backbone, state, key, pretrained, f"the configured {name}")
     backbone.load_state_dict(state)
