@@ -98,8 +98,44 @@ def test_dopri5_solves_a_linear_ode_to_its_tolerance():
     assert 6 <= solver.evaluations < 250  # adaptive: its own steps, not the 250 output times
 
 
+def test_dopri5_keeps_only_the_end_and_ends_where_sits_whole_grid_ends():
+    """SiT asks torchdiffeq for all 250 output times; an adaptive solver steps on its own, so asking for the
+    end alone gives the same x0 (bit for bit) without holding 250 states."""
+    from torchdiffeq import odeint
+
+    def velocity(x, t, c=None):  # ours (noise - data) at 1000 t: nonlinear in x and in time
+        return 0.5 * (torch.as_tensor(t).reshape(-1, 1, 1, 1) / 1000.0) * x - torch.sin(3 * x)
+
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours = _solver().solve(velocity, noise, 250)
+
+    def sit(s, x):
+        return -velocity(x, (1.0 - s) * 1000.0)
+
+    grid = torch.linspace(0.0, 1.0, 250)
+    theirs = odeint(sit, noise, grid, method="dopri5", atol=1e-6, rtol=1e-3)[-1]
+    assert torch.equal(ours, theirs)
+
+
 def test_bad_solver_options_are_one_line():
     with pytest.raises(ValueError, match=r"sampler.scheduler.method='rk45' is not a torchdiffeq method; use one of"):
         FlowMatchODESolver(method="rk45")
     with pytest.raises(ValueError, match=r"sampler.steps=1 must be >= 2 for the ODE solver"):
         FlowMatchODESolver().solve(lambda x, t: x, torch.zeros(1, 1, 1, 1), 1)
+
+
+def test_an_adaptive_solver_is_refused_for_fid_under_fsdp(tmp_path, monkeypatch):
+    """Each rank's FID samples take their own number of dopri5 steps; every FSDP forward needs all ranks."""
+    import numpy as np
+
+    from latentdiff.callbacks import previews
+
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    adaptive = functools.partial(FlowMatchODESolver.from_config, method="dopri5", atol=1e-6, rtol=1e-3)
+    fixed = functools.partial(FlowMatchODESolver.from_config, method="euler")
+    monkeypatch.setattr(previews, "shards_parameters", lambda trainer: True)
+    previews.FID(str(tmp_path / "ref.npz"), fixed).setup(None, None, "fit")
+    with pytest.raises(ValueError, match=r"method=dopri5 \(adaptive\) cannot run under FSDP"):
+        previews.FID(str(tmp_path / "ref.npz"), adaptive).setup(None, None, "fit")
+    monkeypatch.setattr(previews, "shards_parameters", lambda trainer: False)  # DDP: each rank has the whole model
+    previews.FID(str(tmp_path / "ref.npz"), adaptive).setup(None, None, "fit")

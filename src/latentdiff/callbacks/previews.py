@@ -286,8 +286,16 @@ class FID(SamplingCallback):
         """Fail before training when the reference cannot be read (its features are made at the first FID,
         on the module's device: the strategy has not moved the module yet here)."""
         from latentdiff.metrics import open_images
+        from latentdiff.samplers.flow_ode import adaptive_method
 
         open_images(self.reference_path, "callbacks.fid.reference")
+        method = adaptive_method(self.scheduler_partial)
+        if method is not None and shards_parameters(trainer):  # each rank's samples take their own number of
+            raise ValueError(  # solver steps, but every FSDP forward needs all ranks: they would wait forever
+                f"callbacks.fid with sampler.scheduler.method={method} (adaptive) cannot run under FSDP: the ranks "
+                "would take different numbers of forwards; use a fixed-grid method (e.g. method=euler) or "
+                "sampler=flow_euler"
+            )
 
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         from latentdiff.inception import Inception

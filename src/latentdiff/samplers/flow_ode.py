@@ -10,6 +10,7 @@ methods of torchdiffeq. The denoising loop hands the whole integration to `solve
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -76,7 +77,10 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
             return -velocity(x, timesteps)  # SiT's velocity: data - noise
 
         grid = torch.linspace(0.0, 1.0, num_steps, device=noise.device, dtype=noise.dtype)
-        kwargs = {"atol": self.config.atol, "rtol": self.config.rtol} if self.config.method in ADAPTIVE else {}
+        kwargs = {}
+        if self.config.method in ADAPTIVE:  # its own steps: SiT's output times only add states (torchdiffeq
+            kwargs = {"atol": self.config.atol, "rtol": self.config.rtol}  # interpolates them), the end is the same
+            grid = grid[[0, -1]]
         return odeint(dx_ds, noise, grid, method=self.config.method, **kwargs)[-1]
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
@@ -86,3 +90,13 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def adaptive_method(scheduler_partial: Any) -> str | None:
+    """The adaptive torchdiffeq method a sampler partial (`conf/sampler/*.yaml`'s scheduler) integrates with; None
+    for a fixed-grid method or another scheduler."""
+    func = getattr(scheduler_partial, "func", None)
+    if getattr(func, "__self__", None) is not FlowMatchODESolver:
+        return None
+    method = getattr(scheduler_partial, "keywords", {}).get("method", "dopri5")
+    return method if method in ADAPTIVE else None
