@@ -4,7 +4,7 @@ tokenizer (`VQModel`, for masked-token models such as aMUSEd).
 The continuous ones offer the same three calls, and the wrapper owns the scaling factor:
 
     moments = ae.encode_moments(images)   # images in [-1, 1]; KL: (B, 2C, h, w) = mean ++ logvar
-    z = ae.sample(moments)                # z = scale * (mean + std * eps)
+    z = ae.sample(moments)                # z = scale * (mean + std * eps) (KL: `latent_norm.model_latents`)
     images = ae.decode(z)                 # back to [-1, 1] pixels
 
 The tokenizer offers the discrete pair:
@@ -174,7 +174,8 @@ class FrozenAutoencoderKL(Autoencoder):
 
     @torch.no_grad()
     def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw z = scale * (mean + std * eps) from (B, 2C, h, w) moments; returns (B, C, h, w) fp32."""
+        """Draw mean + std * eps from (B, 2C, h, w) moments, normalised (`latent_norm.model_latents`: times the
+        scaling factor, after the channel statistics); returns (B, C, h, w) fp32."""
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of diffusers' DiagonalGaussianDistribution
         where = generator.device if generator is not None else mean.device  # a CPU generator on a GPU run

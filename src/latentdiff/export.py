@@ -63,7 +63,7 @@ def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> dict
     """Write the export folder (see the module docstring) into a new or empty `out`.
 
     Returns:
-        The `model_index.json` record.
+        The `latentdiff.json` record (the run: source, step, weights, config, versions).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -135,7 +135,11 @@ def export_record(folder: Path) -> tuple[str, Any]:
     if (folder / RECORD).is_file():
         return f"{folder}/{RECORD}", lambda: json.loads((folder / RECORD).read_text())
     index = folder / "model_index.json"
-    if index.is_file() and "_latentdiff" in index.read_text():
+    try:
+        old = index.is_file() and "_latentdiff" in json.loads(index.read_text())
+    except ValueError:
+        old = False
+    if old:
         return f"{index}", lambda: json.loads(index.read_text())["_latentdiff"]
     return f"{folder}/{RECORD}", None
 

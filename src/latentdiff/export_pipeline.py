@@ -22,17 +22,18 @@ from typing import Any
 
 import diffusers
 
+from latentdiff.errors import ConfigError
 from latentdiff.models.contract import Backbone
 from latentdiff.models.dit import DiT
 from latentdiff.models.dit_diffusers import diffusers_problem, save_transformer
 from latentdiff.objectives import objective_for
 from latentdiff.objectives.gaussian import GaussianDiffusion
+from latentdiff.pipeline import ship_pipeline_code
 from latentdiff.samplers.fit import make_sampling_scheduler
 from latentdiff.trust import build
 
 log = logging.getLogger(__name__)
 
-PIPELINE_MODULE = "pipeline_latentdiff"  # the root file through which diffusers imports `LatentdiffPipeline`
 _KL = "latentdiff.autoencoder.FrozenAutoencoderKL"
 
 
@@ -49,9 +50,9 @@ def no_pipeline(backbone: Backbone, config: dict[str, Any]) -> str | None:
 
 
 def dit_pipeline_problem(
-    backbone: Backbone, model_cfg: dict[str, Any], config: dict[str, Any], train: Any
+    backbone: Backbone, model_cfg: dict[str, Any], config: dict[str, Any], train: Any, sampler: Any
 ) -> str | None:
-    """Why diffusers' `DiTPipeline` cannot hold this run; None when it can."""
+    """Why diffusers' `DiTPipeline` cannot hold this run (`sampler`: its sampling scheduler); None when it can."""
     if not isinstance(backbone, DiT):
         return f"{type(backbone).__name__} is not a DiT"
     problem = diffusers_problem(model_cfg)
@@ -62,6 +63,9 @@ def dit_pipeline_problem(
         problem = "no AutoencoderKL with a scalar scaling factor (what DiTPipeline decodes with)"
     if problem is None and objective_for(train) is not GaussianDiffusion:
         problem = "a flow objective (DiTPipeline steps a DDPM-family scheduler)"
+    if problem is None and float(getattr(sampler, "init_noise_sigma", 1.0)) != 1.0:
+        sigma = float(sampler.init_noise_sigma)
+        problem = f"{type(sampler).__name__} starts from noise of std {sigma:g} (DiTPipeline draws std 1)"
     return problem
 
 
@@ -71,20 +75,27 @@ def write_pipeline(
     """Write the pipeline's components and `model_index.json` into the export folder `tmp` (see the module
     docstring); a run without one gets its backbone folder only."""
     diffusion = config.get("diffusion") or {}
+    if not isinstance(diffusion.get("scheduler"), dict):
+        raise ConfigError(f"{where}: the stored config has no diffusion.scheduler; it is not a latentdiff run")
     train = build(diffusion["scheduler"], where, "diffusion.scheduler")
     folder = backbone.export_folder
-    reason = no_pipeline(backbone, config)
+    reason, autoencoder = no_pipeline(backbone, config), None
+    if reason is None and config["vae"]["_target_"] == _KL:
+        try:  # the pipeline ships the run's autoencoder: it must load here
+            autoencoder = build(config["vae"], where, "vae")
+        except (ConfigError, OSError, ValueError) as err:
+            reason = f"vae.pretrained={config['vae'].get('pretrained')} does not load here ({str(err).splitlines()[0]})"
     if reason is not None:
         backbone.save_diffusers(tmp / folder, model_cfg)
         train.save_pretrained(tmp / "scheduler")
-        log.info("no diffusers pipeline in the export: %s", reason)
+        log.warning("no diffusers pipeline in the export: %s", reason)
         return
     index: dict[str, Any] = {"_class_name": None, "_diffusers_version": diffusers.__version__}  # filled below
-    if config["vae"]["_target_"] == _KL:
-        index["vae"] = ["diffusers", _save_vae(tmp / "vae", config["vae"], where)]
-    if dit_pipeline_problem(backbone, model_cfg, config, train) is None:
+    if autoencoder is not None:
+        index["vae"] = ["diffusers", _save_vae(tmp / "vae", autoencoder, config["vae"])]
+    sampler = make_sampling_scheduler(build(config["sampler"]["scheduler"], where, "sampler.scheduler"), train)
+    if dit_pipeline_problem(backbone, model_cfg, config, train, sampler) is None:
         save_transformer(backbone.state_dict(), model_cfg, tmp / "transformer")
-        sampler = make_sampling_scheduler(build(config["sampler"]["scheduler"], where, "sampler.scheduler"), train)
         if "variance_type" in sampler.config and str(sampler.config.variance_type).startswith("learned"):
             sampler.register_to_config(variance_type="fixed_small")
         sampler.save_pretrained(tmp / "scheduler")
@@ -93,16 +104,14 @@ def write_pipeline(
     else:
         index[folder] = list(backbone.save_diffusers(tmp / folder, model_cfg))
         train.save_pretrained(tmp / "scheduler")
-        index.update(_class_name=[PIPELINE_MODULE, "LatentdiffPipeline"], scheduler=["diffusers", type(train).__name__])
-        index["sampling"] = _sampling(model_cfg, config)
-        (tmp / f"{PIPELINE_MODULE}.py").write_text("from latentdiff.pipeline import LatentdiffPipeline  # noqa: F401\n")
+        index.update(scheduler=["diffusers", type(train).__name__], sampling=_sampling(model_cfg, config))
+        ship_pipeline_code(tmp, index)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _save_vae(folder: Path, vae_cfg: dict[str, Any], where: str) -> str:
-    """The run's AutoencoderKL as a diffusers folder whose `scaling_factor` (and `latents_mean`, `latents_std`: the
-    channel-wise statistics of `vae.latents_stats`) are the run's."""
-    autoencoder = build(vae_cfg, where, "vae")
+def _save_vae(folder: Path, autoencoder: Any, vae_cfg: dict[str, Any]) -> str:
+    """The run's AutoencoderKL (`autoencoder.FrozenAutoencoderKL`) as a diffusers folder whose `scaling_factor` (and
+    `latents_mean`, `latents_std`: the channel-wise statistics of `vae.latents_stats`) are the run's."""
     autoencoder.vae.register_to_config(scaling_factor=autoencoder.scaling_factor)
     if vae_cfg.get("latents_stats"):
         mean, std = (t.flatten().tolist() for t in (autoencoder.shift, autoencoder.scale))

@@ -19,6 +19,8 @@ The folder ships two one-line files that import these classes (`pipeline_latentd
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import PIL.Image
@@ -29,10 +31,26 @@ from diffusers.configuration_utils import register_to_config
 from latentdiff.autoencoder import Autoencoder
 from latentdiff.latent_norm import vae_latents
 from latentdiff.models.build import build_backbone
-from latentdiff.models.contract import Backbone
+from latentdiff.models.contract import BACKBONE_CLASS, BACKBONE_MODULE, Backbone
 from latentdiff.samplers.cfg import null_condition
 from latentdiff.samplers.image import ImageSampler
 from latentdiff.trust import build
+
+PIPELINE_MODULE = "pipeline_latentdiff"  # the root file through which diffusers imports `LatentdiffPipeline`
+
+
+def ship_pipeline_code(folder: Path, index: dict[str, Any]) -> None:
+    """Make `folder` (with `index`, its `model_index.json` record) a `LatentdiffPipeline` folder that
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads: the class names and the one-line
+    files through which diffusers imports this module's classes; writes `model_index.json`."""
+    index["_class_name"] = [PIPELINE_MODULE, "LatentdiffPipeline"]
+    (folder / f"{PIPELINE_MODULE}.py").write_text(f"from {__name__} import LatentdiffPipeline  # noqa: F401\n")
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] == BACKBONE_CLASS:
+            index[name] = [BACKBONE_MODULE, BACKBONE_CLASS]
+            stub = f"from {__name__} import {BACKBONE_CLASS}  # noqa: F401\n"
+            (folder / name / f"{BACKBONE_MODULE}.py").write_text(stub)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 class LatentdiffBackbone(ModelMixin, ConfigMixin):
@@ -81,7 +99,7 @@ class LatentdiffPipeline(DiffusionPipeline):
     """
 
     _optional_components: ClassVar[list[str]] = ["transformer", "unet", "vae"]
-    model_cpu_offload_seq = "transformer->unet->vae"
+    # no model_cpu_offload_seq: the sampler calls the backbone inside its component, past accelerate's hooks
 
     def __init__(
         self,
@@ -98,6 +116,13 @@ class LatentdiffPipeline(DiffusionPipeline):
             raise ValueError("LatentdiffPipeline needs the `sampling` record that latentdiff.export writes")
         self.register_modules(scheduler=scheduler, transformer=transformer, unet=unet, vae=vae)
         self.register_to_config(sampling=sampling)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, then the class names and one-line files that let `DiffusionPipeline`
+        load the folder again (diffusers writes this class's name as a plain string and copies no code)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        ship_pipeline_code(folder, json.loads((folder / "model_index.json").read_text()))
 
     def _backbone(self) -> Backbone:
         """This project's backbone over the loaded component (its weights shared, not copied)."""
@@ -139,7 +164,13 @@ class LatentdiffPipeline(DiffusionPipeline):
             wanted = f"class_labels (ids below {num_classes})" if num_classes else "no class_labels"
             raise ValueError(f"this run takes {wanted}")
         backbone = self._backbone()
-        device = next(backbone.parameters()).device
+        weight = next(backbone.parameters())
+        if weight.dtype != torch.float32:
+            raise ValueError(
+                f"LatentdiffPipeline samples float32 weights (got {weight.dtype}), as sample.py does: load it "
+                "without a dtype; sample.py precision=bf16-mixed autocasts instead"
+            )
+        device = weight.device
         cond = None
         if class_labels is not None:
             cond = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)

@@ -33,7 +33,7 @@ def vae(tmp_path_factory) -> Path:
 
 
 def _latent_dit_run(
-    real_ckpt: Path, vae: Path, path: Path, stats: Path | None = None, **options
+    real_ckpt: Path, vae: Path, path: Path, stats: Path | None = None, sampler: str | None = None, **options
 ) -> tuple[Path, torch.nn.Module]:
     """The tiny run's checkpoint made a DiT on the tiny VAE's 8x8x4 latents (scaling factor 0.5; `stats`: latents
     normalised per channel)."""
@@ -55,6 +55,8 @@ def _latent_dit_run(
     config["vae"] |= {"scaling_factor": 0.5, "downsample_factor": 4, "latent_channels": 4}
     if stats is not None:
         config["vae"]["latents_stats"] = str(stats)
+    if sampler is not None:
+        config["sampler"]["scheduler"] = {"_target_": f"diffusers.{sampler}.from_config", "_partial_": True}
     config["data"] |= {"latent_channels": 4, "latent_size": 8, "image_size": 32}
     ckpt["state_dict"] = {f"ema.model.{k}": v for k, v in dit.state_dict().items()}
     torch.save(ckpt, path)
@@ -105,3 +107,39 @@ def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_
     assert np.array_equal(images, npz["arr_0"])
     with pytest.raises(ValueError, match=r"class_labels must be ids in \[0, "):
         pipe(class_labels=[99])
+
+
+def test_a_dit_whose_sampler_starts_from_wider_noise_gets_latentdiff_pipeline(real_ckpt, vae, tmp_path):
+    """DiTPipeline draws unit noise and never scales it by `init_noise_sigma`: an Euler run is not DiTPipeline's."""
+    ckpt, _ = _latent_dit_run(
+        real_ckpt, vae, tmp_path / "euler.ckpt", sampler="EulerDiscreteScheduler", num_classes=1000
+    )
+    export(ckpt, tmp_path / "export")
+    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_latentdiff", "LatentdiffPipeline"]
+
+
+def test_an_export_without_its_autoencoder_claims_no_pipeline(real_ckpt, vae, tmp_path, caplog):
+    ckpt, dit = _latent_dit_run(real_ckpt, tmp_path / "moved_away", tmp_path / "dit.ckpt", num_classes=1000)
+    export(ckpt, tmp_path / "export")
+    assert not (tmp_path / "export" / "model_index.json").exists()
+    assert "no diffusers pipeline in the export: vae.pretrained=" in caplog.text and "does not load here" in caplog.text
+    from latentdiff.export import load_exported
+
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 800]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "export")(x, t, y), dit(x, t, y))  # the weights are there
+
+
+def test_a_saved_pipeline_loads_again_and_half_weights_are_refused(real_ckpt, vae, tmp_path):
+    ckpt, _ = _latent_dit_run(real_ckpt, vae, tmp_path / "lightningdit.ckpt", swiglu=True)
+    export(ckpt, tmp_path / "export")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    first = pipe(class_labels=[0, 1], seed=3, output_type="np").images
+    pipe.save_pretrained(tmp_path / "again")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    assert type(again).__name__ == "LatentdiffPipeline"
+    assert np.array_equal(again(class_labels=[0, 1], seed=3, output_type="np").images, first)
+    half = again.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"samples float32 weights \(got torch\.bfloat16\)"):
+        half(class_labels=[0])

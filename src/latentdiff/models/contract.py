@@ -32,6 +32,7 @@ from torch import nn
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights file of a diffusers model folder
 BACKBONE_CLASS = "LatentdiffBackbone"  # `latentdiff.pipeline`'s diffusers model of a backbone diffusers lacks
 BACKBONE_MODULE = "latentdiff_backbone"  # the file in its export folder through which diffusers imports it
+# (`pipeline.ship_pipeline_code` writes it)
 WRAPPED = "backbone"  # the attribute of `LatentdiffBackbone` that holds the backbone (its weights' prefix)
 
 
@@ -67,8 +68,7 @@ class Backbone(nn.Module):
 
     def save_diffusers(self, folder: Path, model_cfg: dict[str, Any]) -> tuple[str, str]:
         """Write this backbone's folder of an export. The default: a `pipeline.LatentdiffBackbone` folder (what its
-        `save_pretrained` writes: `config.json` holding the model config, the weights under `backbone.`) and the
-        one-line file through which diffusers imports that class (`trust_remote_code=True`).
+        `save_pretrained` writes: `config.json` holding the model config, the weights under `backbone.`).
 
         Returns:
             the (library, class) entry of `model_index.json`.
@@ -82,8 +82,6 @@ class Backbone(nn.Module):
         model = {k: v for k, v in model_cfg.items() if k != "pretrained"}
         record = {"_class_name": BACKBONE_CLASS, "_diffusers_version": diffusers.__version__, "model": model}
         (folder / "config.json").write_text(json.dumps(record, indent=2))
-        stub = f"from latentdiff.pipeline import {BACKBONE_CLASS}  # noqa: F401\n"
-        (folder / f"{BACKBONE_MODULE}.py").write_text(stub)
         return BACKBONE_MODULE, BACKBONE_CLASS
 
     def load_diffusers(

@@ -38,8 +38,9 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
     state = read_torch_file(path, key, what="weights file")  # weights_only=True, CRC-32s verified
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state, _ = backbone_weights(state["state_dict"])
-    elif isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a training checkpoint of the official
-        state = state["ema"]  # DiT, SiT or LightningDiT code ({"model", "ema", "opt", ...}): its EMA, as they sample
+    elif isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a training checkpoint of LightningDiT
+        state = state["ema"]  # ({"model", "ema", "opt", "config"}): its EMA, as it samples. (DiT's and SiT's also
+        # store argparse's Namespace, which weights_only=True refuses: their released .pt files are state dicts)
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{key}={path} holds no state dict of tensors")
     return state
