@@ -91,6 +91,22 @@ def _payload_bytes(payload: Any, seen: set[int] | None = None) -> int:
     return 0
 
 
+def read_weights_file(path: str | Path, key: str, download: str, what: str = "weights file") -> Any:
+    """What a weights file holds: a .safetensors file's tensors, else `read_torch_file` (`weights_only=True`).
+
+    Raises:
+        FileNotFoundError: no such file; the message says `download` (what to download) and the key to set.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path} does not exist; download {download} and set {key}=<file>")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return read_torch_file(path, key, what=what)
+
+
 def read_torch_file(
     path: str | Path,
     key: str = "ckpt_path",

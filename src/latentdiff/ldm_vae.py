@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from latentdiff.checkpoint import read_torch_file
+from latentdiff.checkpoint import read_weights_file
+from latentdiff.models.weights import check_fits
 
 _PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _RESNET = {"nin_shortcut": "conv_shortcut"}
@@ -89,37 +90,15 @@ def load_ldm_vae(path: str | Path, ddconfig: dict[str, Any], dtype: torch.dtype,
     """
     from diffusers import AutoencoderKL
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{key}={path} does not exist; download the checkpoint (VA-VAE: huggingface.co/hustvl/"
-            f"vavae-imagenet256-f16d32-dinov2, vavae-imagenet256-f16d32-dinov2.pt) and set {key}=<file>"
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = read_torch_file(path, key, what="autoencoder checkpoint")  # weights_only=True
+    download = "the checkpoint (VA-VAE: vavae-imagenet256-f16d32-dinov2.pt of "
+    download += "huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2)"
+    state = read_weights_file(path, key, download, what="autoencoder checkpoint")  # weights_only=True
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{key}={path} holds no state dict of tensors")
     vae = AutoencoderKL(**diffusers_config(ddconfig))
     weights = to_diffusers(state, len(ddconfig["ch_mult"]))
-    own = vae.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [
-        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in weights and v.shape != weights[k].shape
-    ]
-    if missing or unexpected or shapes:
-        first = (shapes or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
-        raise ValueError(
-            f"{key}={path} does not fit vae.ldm ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shapes)} shapes differ; e.g. {first}): set vae.ldm to the checkpoint's ddconfig"
-        )
+    check_fits(vae, weights, key, path, "vae.ldm (set vae.ldm to the checkpoint's ddconfig)")
     vae.load_state_dict(weights)
     return vae if dtype == torch.float32 else vae.to(dtype)

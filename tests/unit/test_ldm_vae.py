@@ -63,7 +63,9 @@ def test_latents_are_normalised_per_channel_as_lightningdit_does(checkpoint, tmp
 
 def test_what_does_not_fit_is_one_line(checkpoint, tmp_path):
     wrong = {**REFERENCE["ddconfig"], "ch": 64}
-    with pytest.raises(ValueError, match=r"does not fit vae\.ldm \(.*set vae\.ldm to the checkpoint's ddconfig"):
+    with pytest.raises(
+        ValueError, match=r"does not fit vae\.ldm \(set vae\.ldm to the checkpoint's ddconfig\): \d+ shapes differ"
+    ):
         FrozenAutoencoderKL(str(checkpoint), ldm=wrong)
     with pytest.raises(FileNotFoundError, match=r"vae\.pretrained=.*missing\.pt does not exist; download"):
         FrozenAutoencoderKL(str(tmp_path / "missing.pt"), ldm=REFERENCE["ddconfig"])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentdiff.checkpoint import backbone_weights, read_torch_file
+from latentdiff.checkpoint import backbone_weights, read_weights_file
 
 _OFFICIAL_WEIGHTS = "https://github.com/baofff/U-ViT#pretrained-models"
 EXPORT_RECORD = "latentdiff.json"  # the run an export folder of `latentdiff.export` holds
@@ -24,18 +24,7 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
         FileNotFoundError: no such file (the message says where official weights are downloaded).
         ValueError: the file holds no state dict (`ConfigError`: unreadable, refused or corrupt).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{key}={path} does not exist; download the weights (official U-ViT: {_OFFICIAL_WEIGHTS}) "
-            f"and set {key}=<file>"
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-
-    state = read_torch_file(path, key, what="weights file")  # weights_only=True, CRC-32s verified
+    state = read_weights_file(path, key, f"the weights (official U-ViT: {_OFFICIAL_WEIGHTS})")  # weights_only
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state, _ = backbone_weights(state["state_dict"])
     elif isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a training checkpoint of LightningDiT
