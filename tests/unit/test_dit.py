@@ -223,3 +223,22 @@ def test_a_lightningdit_training_checkpoint_loads_with_model_pretrained(tmp_path
     torch.save({"ema": {**state, "pos_embed": bigger.pos_embed}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"feat_rope\.freqs_cos \(16, 16\) is not this model's \(64, 16\)"):
         load_pretrained(bigger, tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize(
+    ("preset", "official", "data"),
+    [
+        ("sit_xl2", "SiT-XL/2", ["vae=sd_ema", "diffusion=flow"]),  # 32x32x4 SD-VAE latents
+        ("lightningdit_b1", "LightningDiT-B/1", ["vae=vavae_f16d32", "diffusion=flow_logit_normal"]),  # 16x16x32
+        ("lightningdit_xl1", "LightningDiT-XL/1", ["vae=vavae_f16d32", "diffusion=flow_logit_normal"]),
+    ],
+)
+def test_sit_and_lightningdit_presets_count_the_official_parameters(compose_cfg, preset, official, data):
+    """The official constructors' counts (SiT's models.py, LightningDiT's lightningdit.py with its released
+    options, on the latents the vae config gives: VA-VAE's 16x16x32 reshape LightningDiT)."""
+    cost = config_cost(compose_cfg([f"model={preset}", "data=imagenet256_latents", *data]))
+    hidden = {"sit_xl2": 1152, "lightningdit_b1": 768, "lightningdit_xl1": 1152}[preset]
+    assert cost.input_shape == ((4, 32, 32) if preset == "sit_xl2" else (32, 16, 16))
+    assert cost.params + 256 * hidden == REFERENCE["official_params"][official]  # + the fixed positions (256 tokens)
+    # 256 tokens at XL's or B's width: the compute of DiT-XL/2 (118.64 in Table 4) or DiT-B/2 (23.01)
+    assert cost.gmacs == pytest.approx(118.64 if "xl" in preset else 23.01, rel=2e-4, abs=0.0065)
