@@ -117,6 +117,8 @@ def _toy_data(cfg, stores) -> list[str]:
     else:
         resolution, scaling = 32, cfg.vae.get("scaling_factor")  # 8x8x4 latents of the tiny VAE
         overrides = ["data.image_size=32", f"vae.pretrained={stores.vae}", f"vae.downsample_factor={TINY_VAE_FACTOR}"]
+        if cfg.vae.get("ldm"):  # VA-VAE (an LDM-layout file; tests/integration/test_vavae.py): the tiny diffusers VAE
+            overrides += ["vae.ldm=null", "vae.latents_stats=null", "vae.latent_channels=4"]
     root = stores("text" if text else "pixels" if pixels else "labels", resolution, scaling)
     overrides += [f"data.root={root}", "data.num_workers=0", "data.pin_memory=false", "data.num_val=4"]
     if text:

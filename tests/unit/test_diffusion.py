@@ -197,3 +197,31 @@ def test_sampler_steps_must_be_positive():
             node = {part: node}
         with pytest.raises(ConfigError, match=f"{key}.steps=0 must be a positive integer"):
             check_values(node)
+
+
+def test_lightningdits_cosine_term_is_added_to_the_mse():
+    """diffusion=flow_lightningdit: loss = MSE + mean_flat(1 - cosine_similarity(pred, target, dim=1)), as
+    LightningDiT's transport computes it with use_cosine_loss."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from latentdiff.objectives.flow import FlowMatching
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    t = torch.tensor([0.2, 0.5, 0.9])
+
+    def model(x, timesteps, cond=None):
+        return 0.3 * x + 0.01 * timesteps.view(-1, 1, 1, 1)
+
+    plain = FlowMatching(FlowMatchEulerDiscreteScheduler(), time_sampling="logit_normal")
+    cosine = FlowMatching(FlowMatchEulerDiscreteScheduler(), time_sampling="logit_normal", cosine_weight=1.0)
+    loss, mse = cosine.loss(model, x0, None, t=t, eps=eps)
+    plain_loss, plain_mse = plain.loss(model, x0, None, t=t, eps=eps)
+    pred, target = model((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps, t * 1000), eps - x0
+    cos = 1 - torch.nn.functional.cosine_similarity(pred, target, dim=1)  # (B, h, w)
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) + cos.mean(dim=(1, 2))
+    torch.testing.assert_close(loss, expected.mean())
+    torch.testing.assert_close(mse, plain_mse)  # the logged MSE is the MSE alone
+    assert loss > plain_loss
+    with pytest.raises(ValueError, match=r"diffusion\.cosine_weight=-1\.0 must be >= 0"):
+        FlowMatching(FlowMatchEulerDiscreteScheduler(), cosine_weight=-1.0)

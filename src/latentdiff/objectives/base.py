@@ -132,8 +132,9 @@ class DenoisingObjective(Objective):
         x_t = self.noisy(x0, eps, t)  # (B, C, h, w)
         out = model(x_t, self.model_timesteps(t), cond)  # (B, C, h, w), or (B, 2C, h, w) with learned variance
         pred = out[:, : x0.shape[1]]  # (B, C, h, w): the prediction of the target
-        mse = (pred.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,)
-        loss = self.loss_weight(t) * mse  # (B,)
+        target = self.target(x0, eps, t)
+        mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        loss = self.loss_weight(t) * mse + self.extra_loss(pred, target)  # (B,)
         if learns_variance(model):  # 2C channels: the prediction, then the variance values
             loss = loss + self.variance_loss(pred, out[:, x0.shape[1] :], x0, x_t, t)  # (B,)
         elif out.shape[1] != x0.shape[1]:
@@ -142,6 +143,10 @@ class DenoisingObjective(Objective):
                 "channels to the data's (data.latent_channels)"
             )
         return loss.mean(), mse.detach()
+
+    def extra_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A term (B,) added to the weighted MSE of the prediction (B, C, h, w); none by default."""
+        return torch.zeros(pred.shape[0], device=pred.device)
 
     def variance_loss(
         self, pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor

@@ -31,6 +31,8 @@ class FlowMatching(DenoisingObjective):
         time_sampling: "uniform" t, or "logit_normal": t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3).
         logit_mean, logit_std: parameters of the logit-normal distribution.
         loss_weighting: only "none" (plain MSE on the velocity).
+        cosine_weight: adds this times `1 - cos(pred, target)` over the channels, averaged over the pixels
+            (LightningDiT's `use_cosine_loss`, weight 1); 0: none.
     """
 
     kind = "flow-matching"
@@ -44,6 +46,7 @@ class FlowMatching(DenoisingObjective):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         loss_weighting: str = "none",
+        cosine_weight: float = 0.0,
     ):
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(
@@ -61,7 +64,9 @@ class FlowMatching(DenoisingObjective):
             raise ValueError(f"diffusion.loss_weighting={loss_weighting!r} is not supported by flow matching; use none")
         self.scheduler = scheduler
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
-        self.loss_weighting = loss_weighting
+        if cosine_weight < 0:
+            raise ValueError(f"diffusion.cosine_weight={cosine_weight} must be >= 0")
+        self.loss_weighting, self.cosine_weight = loss_weighting, float(cosine_weight)
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
 
     @classmethod
@@ -97,3 +102,10 @@ class FlowMatching(DenoisingObjective):
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Plain MSE: weight 1 (B,)."""
         return torch.ones(t.shape, device=t.device)
+
+    def extra_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`cosine_weight` times the mean over pixels of `1 - cos(pred, target)` along the channels (B,)."""
+        if self.cosine_weight == 0.0:
+            return torch.zeros(pred.shape[0], device=pred.device)
+        cosine = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=1)  # (B, h, w)
+        return self.cosine_weight * (1.0 - cosine).flatten(1).mean(1)
