@@ -46,7 +46,7 @@ def test_vavae_store_lightningdit_training_sampling_and_export(tmp_path):
     data = ["data=latents", f"data.root={store}", "data.image_size=32", "data.num_classes=3", "data.batch_size=4"]
     data += ["data.num_workers=0", "data.pin_memory=false", "data.num_val=4"]
     run = [
-        *vae, *model, *data, "diffusion=flow_logit_normal", "sampler=flow_euler", "sampler.steps=3",
+        *vae, *model, *data, "diffusion=flow_lightningdit", "sampler=flow_euler", "sampler.steps=3",
         "trainer.precision=32-true", "trainer.max_steps=2", "trainer.limit_val_batches=1",
         "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
         "callbacks.sample_grid.every_n_steps=0",

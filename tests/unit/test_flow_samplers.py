@@ -139,3 +139,21 @@ def test_an_adaptive_solver_is_refused_for_fid_under_fsdp(tmp_path, monkeypatch)
         previews.FID(str(tmp_path / "ref.npz"), adaptive).setup(None, None, "fit")
     monkeypatch.setattr(previews, "shards_parameters", lambda trainer: False)  # DDP: each rank has the whole model
     previews.FID(str(tmp_path / "ref.npz"), adaptive).setup(None, None, "fit")
+
+
+def test_lightningdits_shifted_euler_grid_is_its_own():
+    """LightningDiT's sampler (transport/integrators.py): t = linspace(0, 1, 250), t = s t / (1 + (s - 1) t) with
+    s = 0.3, then torchdiffeq's fixed-grid Euler: 249 steps, the model seeing SiT's shifted time."""
+    seen = []
+
+    def velocity(x, t, c=None):
+        seen.append(float(t[0]))
+        return 0.1 * x
+
+    solver = _solver(method="euler", timestep_shift=0.3)
+    solver.solve(velocity, torch.ones(1, 1, 1, 1), 250)
+    s = torch.linspace(0.0, 1.0, 250)
+    official = 0.3 * s / (1 + (0.3 - 1) * s)  # on SiT's time; the network sees 1000 (1 - t) here
+    assert len(seen) == 249 and seen == pytest.approx((1000 * (1 - official[:-1])).tolist(), abs=1e-3)
+    with pytest.raises(ValueError, match=r"sampler\.scheduler\.timestep_shift=0 must be > 0"):
+        _solver(timestep_shift=0)

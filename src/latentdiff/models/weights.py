@@ -24,7 +24,8 @@ def read_state_dict(path: str | Path, key: str = "model.pretrained") -> dict[str
         FileNotFoundError: no such file (the message says where official weights are downloaded).
         ValueError: the file holds no state dict (`ConfigError`: unreadable, refused or corrupt).
     """
-    state = read_weights_file(path, key, f"the weights (official U-ViT: {_OFFICIAL_WEIGHTS})")  # weights_only
+    official = f"official U-ViT: {_OFFICIAL_WEIGHTS}; DiT, SiT, LightningDiT: the links in their READMEs"
+    state = read_weights_file(path, key, f"the weights ({official})")  # weights_only=True
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state, _ = backbone_weights(state["state_dict"])
     elif isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a training checkpoint of LightningDiT

@@ -29,6 +29,8 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
         shift: the training scheduler's sampling shift, read from its config; not applied (SiT's grid).
         method: a torchdiffeq method (`ADAPTIVE`, `FIXED_GRID`); SiT: dopri5.
         atol, rtol: the adaptive methods' tolerances (SiT: 1e-6, 1e-3).
+        timestep_shift: LightningDiT's shift of the grid on SiT's time, `s t / (1 + (s - 1) t)` (its sampler: 0.3,
+            with method=euler); 1: SiT's grid.
     """
 
     order = 1
@@ -42,6 +44,7 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
         method: str = "dopri5",
         atol: float = 1e-6,
         rtol: float = 1e-3,
+        timestep_shift: float = 1.0,
     ):
         if method not in ADAPTIVE + FIXED_GRID:
             raise ValueError(
@@ -50,6 +53,8 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
             )
         if atol <= 0 or rtol <= 0:
             raise ValueError(f"sampler.scheduler.atol={atol} and rtol={rtol} must be > 0")
+        if timestep_shift <= 0:
+            raise ValueError(f"sampler.scheduler.timestep_shift={timestep_shift} must be > 0")
         self.evaluations = 0  # velocity evaluations of the last `solve` (each runs both CFG halves)
 
     def solve(
@@ -76,7 +81,7 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
             timesteps = ((1.0 - s) * scale).expand(x.shape[0]).to(x.dtype)
             return -velocity(x, timesteps)  # SiT's velocity: data - noise
 
-        grid = torch.linspace(0.0, 1.0, num_steps, device=noise.device, dtype=noise.dtype)
+        grid = _grid(num_steps, self.config.timestep_shift, noise.dtype).to(noise.device)
         kwargs = {}
         if self.config.method in ADAPTIVE:  # its own steps: SiT's output times only add states (torchdiffeq
             kwargs = {"atol": self.config.atol, "rtol": self.config.rtol}  # interpolates them), the end is the same
@@ -85,11 +90,19 @@ class FlowMatchODESolver(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         """The grid's timesteps, for callers that list them (the integration itself is `solve`)."""
-        s = torch.linspace(0.0, 1.0, num_inference_steps, dtype=torch.float64)
+        s = _grid(num_inference_steps, self.config.timestep_shift, torch.float64)
         self.timesteps = ((1.0 - s) * self.config.num_train_timesteps).float().to(device)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _grid(num_steps: int, timestep_shift: float, dtype: torch.dtype) -> torch.Tensor:
+    """SiT's output times linspace(0, 1, num_steps) on its time s (0: noise), shifted as LightningDiT's sampler does."""
+    s = torch.linspace(0.0, 1.0, num_steps, dtype=dtype)
+    if timestep_shift != 1.0:
+        s = timestep_shift * s / (1.0 + (timestep_shift - 1.0) * s)
+    return s
 
 
 def adaptive_method(scheduler_partial: Any) -> str | None:
