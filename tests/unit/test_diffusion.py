@@ -225,3 +225,31 @@ def test_lightningdits_cosine_term_is_added_to_the_mse():
     assert loss > plain_loss
     with pytest.raises(ValueError, match=r"diffusion\.cosine_weight=-1\.0 must be >= 0"):
         FlowMatching(FlowMatchEulerDiscreteScheduler(), cosine_weight=-1.0)
+
+
+def test_the_cosine_term_on_sits_time_is_lightningdits_loss():
+    """A DiT on SiT's time returns SiT's velocity negated; LightningDiT's loss in SiT's convention (target
+    data - noise, its network's raw output) is the same number: the MSE and the cosine do not see the sign."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from latentdiff.models.dit import DiT
+    from latentdiff.objectives.flow import FlowMatching
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=3,
+                learn_sigma=False, swiglu=True, rope=True, rmsnorm=True, time_convention="sit")  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, y = torch.tensor([0.1, 0.5, 0.8]), torch.tensor([0, 1, 2])
+    objective = FlowMatching(FlowMatchEulerDiscreteScheduler(), time_sampling="logit_normal", cosine_weight=1.0)
+    with torch.no_grad():
+        ours, _ = objective.loss(model, x0, y, t=t, eps=eps)
+        s = (1 - t).view(-1, 1, 1, 1)  # SiT's time: 1 is data
+        u = -model(s * x0 + (1 - s) * eps, 1000 * t, y)  # the network's own output: SiT's velocity
+        ut = x0 - eps
+        mse = ((u - ut) ** 2).mean(dim=(1, 2, 3))
+        cos = (1 - torch.nn.functional.cosine_similarity(u, ut, dim=1)).mean(dim=(1, 2))
+    torch.testing.assert_close(ours, mse.mean() + cos.mean())
