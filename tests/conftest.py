@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# diffusers copies an export's trust_remote_code files here (read when diffusers is first imported): inside the
+# checkout, not the user's ~/.cache (tests/e2e/test_reliability.py, tests/integration/test_export_pipelines.py)
+os.environ.setdefault("HF_MODULES_CACHE", str(Path(__file__).resolve().parents[1] / "outputs" / "test-cache" / "hf"))
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
