@@ -113,9 +113,10 @@ def _save_vae(folder: Path, autoencoder: Any, vae_cfg: dict[str, Any]) -> str:
     """The run's AutoencoderKL (`autoencoder.FrozenAutoencoderKL`) as a diffusers folder whose `scaling_factor` (and
     `latents_mean`, `latents_std`: the channel-wise statistics of `vae.latents_stats`) are the run's."""
     autoencoder.vae.register_to_config(scaling_factor=autoencoder.scaling_factor)
+    mean = std = None  # a hub config's own statistics are not the run's: the run decodes without them
     if vae_cfg.get("latents_stats"):
         mean, std = (t.flatten().tolist() for t in (autoencoder.shift, autoencoder.scale))
-        autoencoder.vae.register_to_config(latents_mean=mean, latents_std=std)
+    autoencoder.vae.register_to_config(latents_mean=mean, latents_std=std)
     autoencoder.vae.save_pretrained(folder, safe_serialization=True)
     return type(autoencoder.vae).__name__
 

@@ -24,11 +24,21 @@ _PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _RESNET = {"nin_shortcut": "conv_shortcut"}
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _END = {"norm_out": "conv_norm_out"}
+_NEEDED = ("ch", "ch_mult", "num_res_blocks", "resolution", "z_channels")  # ddconfig keys without a default
 
 
 def diffusers_config(ddconfig: dict[str, Any]) -> dict[str, Any]:
     """`AutoencoderKL` arguments of an LDM `ddconfig` (ch, ch_mult, num_res_blocks, attn_resolutions, resolution,
-    z_channels, in_channels, out_ch)."""
+    z_channels, in_channels, out_ch).
+
+    Raises:
+        ValueError: a key the layout needs is missing, named as `vae.ldm.<key>`.
+    """
+    missing = [k for k in _NEEDED if k not in ddconfig]
+    if missing:
+        raise ValueError(
+            f"vae.ldm.{missing[0]} is not set: vae.ldm needs {', '.join(_NEEDED)} (the checkpoint's ddconfig)"
+        )
     mult, resolution = list(ddconfig["ch_mult"]), int(ddconfig["resolution"])
     attn = {int(r) for r in ddconfig.get("attn_resolutions") or ()}
     levels = len(mult)

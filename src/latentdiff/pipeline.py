@@ -13,8 +13,9 @@
 
 The folder ships two one-line files that import these classes (`pipeline_latentdiff.py`,
 `<component>/latentdiff_backbone.py`): that is how diffusers finds code that is not its own, hence
-`trust_remote_code=True`; the code that runs is the installed latentdiff. latentdiff's own loaders
-(`model.pretrained=<export>`, `load_exported`) never run those files.
+`trust_remote_code=True`; as shipped, the code that runs is the installed latentdiff (diffusers runs whatever
+those files hold: read them in a folder from someone else before passing `trust_remote_code=True`). latentdiff's
+own loaders (`model.pretrained=<export>`, `load_exported`) never run those files.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class LatentdiffPipeline(DiffusionPipeline):
             num_inference_steps, guidance_scale: the run's sampler's when None.
             output_type: "pil", "np" ((B, H, W, 3) uint8) or "pt" ((B, 3, H, W) float in [0, 1]).
         """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np' or 'pt'")
         sampling = self.config.sampling
         num_classes = int(sampling["num_classes"])
         if (class_labels is None) != (num_classes == 0):

@@ -94,6 +94,28 @@ MATRIX = [
     ),
     (
         "train",
+        [
+            "model=dit_tiny",
+            "model.learn_sigma=true",
+            "diffusion=linear",
+            "sampler=dpm_solver",
+            "+sampler.scheduler.variance_type=learned_range",
+        ],
+        "sampler.scheduler.variance_type=learned_range is read by DDPM's step only",
+    ),
+    (
+        "train",
+        [
+            "model=dit_tiny",
+            "model.time_convention=sit",
+            "diffusion=flow",
+            "sampler=flow_euler",
+            "diffusion.scheduler.num_train_timesteps=500",
+        ],
+        "diffusion.scheduler.num_train_timesteps=500: model.time_convention=sit reads",
+    ),
+    (
+        "train",
         ["diffusion=flow", "sampler=flow_sde", "sampler.scheduler.last_step_size=0"],
         "sampler.scheduler.last_step_size=0",
     ),

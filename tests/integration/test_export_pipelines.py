@@ -5,6 +5,7 @@ exported `AutoencoderKL`. (Pixel-space runs and the UNet: `tests/e2e/test_reliab
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,11 @@ def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_
         torch.save(
             {"mean": torch.tensor([0.3, -0.2, 0.1, 0.0]), "std": torch.tensor([2.0, 0.5, 1.5, 1.0])}, latents_stats
         )
+    else:  # a hub VAE whose config carries statistics that the run does not use (FrozenAutoencoderKL ignores them)
+        vae = Path(shutil.copytree(vae, tmp_path / "vae_with_stats"))
+        config = json.loads((vae / "config.json").read_text())
+        config |= {"latents_mean": [0.5, 0.5, 0.5, 0.5], "latents_std": [3.0, 3.0, 3.0, 3.0]}
+        (vae / "config.json").write_text(json.dumps(config))
     ckpt, _ = _latent_dit_run(real_ckpt, vae, tmp_path / "lightningdit.ckpt", latents_stats, swiglu=True, rmsnorm=True)
     out = tmp_path / "export"
     export(ckpt, out)
@@ -107,6 +113,8 @@ def test_another_backbone_on_latents_exports_as_latentdiff_pipeline_with_sample_
     assert np.array_equal(images, npz["arr_0"])
     with pytest.raises(ValueError, match=r"class_labels must be ids in \[0, "):
         pipe(class_labels=[99])
+    with pytest.raises(ValueError, match=r"^output_type='latent': use 'pil', 'np' or 'pt'$"):
+        pipe(class_labels=[0], output_type="latent")
 
 
 def test_a_dit_whose_sampler_starts_from_wider_noise_gets_latentdiff_pipeline(real_ckpt, vae, tmp_path):

@@ -60,7 +60,10 @@ def test_official_weights_give_the_official_outputs(name):
         out = -model(x, 1000.0 * (1.0 - t), y) if sit else model(x, t, y)
     assert list(out.shape) == case["output_shape"]
     expected = torch.tensor(case["output"]).view(out.shape)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # float32 on outputs up to |4|: the golden values (the official code in float32, on an AVX512 Xeon) are up to
+    # 1.04e-5 from this model run in float64, and this model in float32 is 1.01e-5 from them on an AMD EPYC (under
+    # 1e-5 on the Xeon): 1e-5 is float32's own noise here, so the bar is twice it
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if "init" in CASES[n]))

@@ -62,6 +62,8 @@ def test_latents_are_normalised_per_channel_as_lightningdit_does(checkpoint, tmp
 
 
 def test_what_does_not_fit_is_one_line(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"^vae\.ldm\.z_channels is not set: vae\.ldm needs ch, ch_mult, "):
+        FrozenAutoencoderKL(str(checkpoint), ldm={k: v for k, v in REFERENCE["ddconfig"].items() if k != "z_channels"})
     wrong = {**REFERENCE["ddconfig"], "ch": 64}
     with pytest.raises(
         ValueError, match=r"does not fit vae\.ldm \(set vae\.ldm to the checkpoint's ddconfig\): \d+ shapes differ"

@@ -62,8 +62,9 @@ def check_dit_args(
         )
 
 
-def check_dit_objective(model: Any, objective_kind: str) -> None:
-    """Check that a DiT's time convention and variance head fit the run's objective (its `Objective.kind`).
+def check_dit_objective(model: Any, objective_kind: str, train_timesteps: int = 1000) -> None:
+    """Check that a DiT's time convention and variance head fit the run's objective (its `Objective.kind` and
+    `diffusion.scheduler.num_train_timesteps`: SiT's time is read from the project's time in thousandths).
 
     Raises:
         ValueError: one line naming the key, the value and what to set.
@@ -74,6 +75,11 @@ def check_dit_objective(model: Any, objective_kind: str) -> None:
         raise ValueError(
             "model.time_convention=sit feeds the network SiT's flow time, but the objective is "
             f"{objective_kind}; use diffusion=flow (or flow_logit_normal), or model.time_convention=dit"
+        )
+    if convention == "sit" and int(train_timesteps) != 1000:
+        raise ValueError(
+            f"diffusion.scheduler.num_train_timesteps={train_timesteps}: model.time_convention=sit reads the flow "
+            "time on SiT's 1000-step scale; keep 1000, or use model.time_convention=dit"
         )
     if flow and convention == "dit" and model.get("learn_sigma"):
         raise ValueError(

@@ -93,7 +93,8 @@ def check_sampler_fits(cfg: Any, sampler_key: str = "sampler.scheduler") -> None
         check_fits(objective, scheduler, OmegaConf.select(cfg, "diffusion.scheduler", default=None) or {}, sampler_key)
         check_variance(cfg, sampler_key)
         if canonical_target(OmegaConf.select(cfg, "model._target_", default="")) == "latentdiff.models.dit.DiT":
-            check_dit_objective(OmegaConf.select(cfg, "model"), objective.kind)
+            steps = OmegaConf.select(cfg, "diffusion.scheduler.num_train_timesteps", default=None) or 1000
+            check_dit_objective(OmegaConf.select(cfg, "model"), objective.kind, steps)
         objective.check_config(cfg)
         check_options = OPTION_CHECKS.get(objective.input_kind)
         if check_options is not None:
@@ -121,6 +122,12 @@ def check_variance(cfg: Any, sampler_key: str = "sampler.scheduler") -> None:
         raise ValueError(
             f"{sampler_key}.variance_type=learned reads the variance itself, but a backbone learns Improved DDPM's "
             "interpolation between the variance bounds; use learned_range (sampler=ddpm_learned)"
+        )
+    target = str(OmegaConf.select(cfg, f"{sampler_key}._target_", default="") or "")
+    if variance in LEARNED_VARIANCE and not target.startswith("diffusers.DDPMScheduler"):
+        raise ValueError(
+            f"{sampler_key}.variance_type={variance} is read by DDPM's step only, not by {target or 'this sampler'}; "
+            "use sampler=ddpm_learned, or drop the variance_type (every other sampler uses the mean)"
         )
     model = OmegaConf.select(cfg, "model", default=None) or {}
     learns = bool(model.get("learn_sigma")) and model.get("time_convention", "dit") != "sit"

@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from latentdiff.models.contract import Backbone
@@ -58,7 +59,8 @@ def sample_loop(
     kwargs = dict(step_kwargs or {})
     if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generator
-    learned = scheduler.config.get("variance_type") in LEARNED_VARIANCE  # DDPM reads the backbone's variance
+    # DDPM reads the backbone's variance; other schedulers' `learned_range` differs (DPM-Solver keeps 3 channels)
+    learned = isinstance(scheduler, DDPMScheduler) and scheduler.config.get("variance_type") in LEARNED_VARIANCE
     for t in scheduler.timesteps:
         t_batch = t.expand(x.shape[0]).to(noise.device)  # (B,)
         x_in = scale_input(x, t) if scale_input is not None else x  # (B, C, h, w)
